@@ -1,0 +1,346 @@
+"""The base configuration: every key that code reads lives here, with its default.
+
+Experiment files in `experiments/` start from `get_base_config()` and change values; they never add keys (the config is
+locked). `validate(config)` checks the whole config before anything is built and raises `ConfigError` naming the keys at
+fault.
+
+Sections:
+  model       backbone shape, dtypes, layer stacking and rematerialisation
+  vocab       token ids: mask, image offset, codebook size, special tokens (Decision 4: never hard-coded in code)
+  sharding    mesh axes, preset and rule overrides
+  magvit      the MAGVIT-v2 image tokenizer
+  data        data sources, sequence layouts, batch composition
+  checkpoint  where/how checkpoints are written
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj", "save_out_proj")
+MATMUL_PRECISIONS = ("default", "high", "highest")
+
+
+class ConfigError(ValueError):
+  """A configuration value is missing, malformed or contradicts another one."""
+
+
+def model_section() -> ConfigDict:
+  """Backbone hyper-parameters (LLaDA-8B field names in comments)."""
+  m = ConfigDict()
+  m.num_layers = 32  # n_layers
+  m.d_model = 4096  # d_model
+  m.num_heads = 32  # n_heads
+  m.num_kv_heads = 32  # n_kv_heads (== num_heads: plain multi-head attention, as LLaDA-8B)
+  m.head_dim = 0  # 0 = d_model // num_heads
+  m.mlp_hidden = 12288  # mlp_hidden_size (width of ff_proj / up_proj)
+  m.vocab_size = 134656  # rows of the embedding and of the LM head (embedding_size)
+  m.rope_theta = 500000.0
+  m.norm_eps = 1e-5  # rms_norm_eps
+  m.param_dtype = "float32"  # dtype parameters are stored in
+  m.dtype = "float32"  # compute dtype of matmuls and activations (norm statistics, RoPE, softmax stay fp32)
+  m.matmul_precision = "default"  # lax.Precision for matmuls; "highest" forces full fp32 on TPU/GPU
+  m.scan_layers = True  # stack layers with nn.scan (parameters get a leading `layers` axis)
+  m.remat_policy = "none"  # activation rematerialisation per layer, one of REMAT_POLICIES
+  m.init_std = 0.02  # std of the embedding initialiser; kernels use 1/sqrt(fan_in) (official "mitchell" init)
+  return m
+
+
+def vocab_section() -> ConfigDict:
+  """Token ids of the official MMaDA-8B vocabulary (specs/mmada-official.md §0.1, §1.7)."""
+  v = ConfigDict()
+  v.text_vocab_size = 126349  # len(tokenizer): ids 0 .. 126348 are text
+  v.llm_vocab_size = 126464  # rows of LLaDA before the image rows were added (official `llm_vocab_size`)
+  v.codebook_size = 8192  # image codes
+  v.image_offset = 126349  # image token id = image_offset + code (len(tokenizer), not llm_vocab_size)
+  v.mask_id = 126336  # [MASK], shared by text and image positions
+  v.bos_id = 126080  # <|startoftext|> / <|sot|>
+  v.eos_id = 126081  # <|endoftext|> / <|eot|>, also the text padding id
+  v.pad_id = 126081
+  v.soi_id = 126084  # <|soi|>
+  v.eoi_id = 126085  # <|eoi|>
+  v.sov_id = 126086
+  v.eov_id = 126087
+  v.t2i_id = 126088  # <|t2i|>
+  v.mmu_id = 126089  # <|mmu|>
+  v.t2v_id = 126090
+  v.v2v_id = 126091
+  v.lvg_id = 126092
+  v.ipad_id = 126093  # [iPAD]: left padding of the t2i text prefix
+  v.r2i_id = 126094
+  v.start_header_id = 126346  # <|start_header_id|>
+  v.end_header_id = 126347  # <|end_header_id|>
+  v.eot_id = 126348  # <|eot_id|> (end of a chat turn)
+  v.num_image_tokens = 256  # image tokens per image (256 at 256 px, 1024 at 512 px)
+  return v
+
+
+def sharding_section() -> ConfigDict:
+  """Mesh and logical-axis rules. `preset` picks mesh axes + rules; `rule_overrides` replaces single rules."""
+  s = ConfigDict()
+  s.preset = "fsdp"
+  # Per mesh axis size over ICI (within a slice) and DCN (across slices): 0 = the preset's size, -1 = fill with the
+  # remaining devices (at most one -1 per level after merging with the preset), otherwise the size itself.
+  s.ici = ConfigDict({"data": 0, "fsdp": 0, "tensor": 0})
+  s.dcn = ConfigDict({"data": 0, "fsdp": 0, "tensor": 0})
+  # Logical axis name -> mesh axis (str), tuple of mesh axes, or "" for replicated; merged over the preset's rules.
+  s.rule_overrides = ConfigDict()
+  return s
+
+
+def magvit_section() -> ConfigDict:
+  """MAGVIT-v2 image tokenizer (official Show-o `showlab/magvitv2` architecture by default)."""
+  g = ConfigDict()
+  g.resolution = 256
+  g.in_channels = 3
+  g.channels = 128
+  g.encoder_channel_mult = (1, 2, 2, 4, 4)
+  g.encoder_num_res_blocks = (4, 3, 4, 3, 4)
+  g.decoder_channel_mult = (1, 1, 2, 2, 4)
+  g.decoder_num_res_blocks = (4, 4, 3, 4, 3)
+  g.codebook_bits = 13  # z_channels: 2**13 = 8192 codes
+  g.norm_groups = 32
+  g.norm_eps = 1e-6
+  g.param_dtype = "float32"
+  g.dtype = "float32"
+  return g
+
+
+def data_section() -> ConfigDict:
+  """Data sources, sequence layouts and batch composition (filled in by the data pipeline)."""
+  d = ConfigDict()
+  d.max_text_len = 128  # S: text tokens of the t2i prefix / mmu text part (official `max_seq_length`)
+  return d
+
+
+def checkpoint_section() -> ConfigDict:
+  c = ConfigDict()
+  c.save_every_steps = 1000
+  c.keep = 3
+  c.async_save = True
+  return c
+
+
+def get_base_config() -> ConfigDict:
+  """The full default config (official 8B shape); experiments override values."""
+  config = ConfigDict()
+  config.name = "base"
+  config.seed = 0
+  config.model = model_section()
+  config.vocab = vocab_section()
+  config.sharding = sharding_section()
+  config.magvit = magvit_section()
+  config.data = data_section()
+  config.checkpoint = checkpoint_section()
+  return config
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _require(cond: bool, key: str, msg: str, errors: list[str]) -> None:
+  if not cond:
+    errors.append(f"{key}: {msg}")
+
+
+def head_dim(model: ConfigDict) -> int:
+  """Per-head width: `model.head_dim`, or d_model // num_heads when it is 0."""
+  return int(model.head_dim) or int(model.d_model) // int(model.num_heads)
+
+
+def _validate_model(m: ConfigDict, errors: list[str]) -> None:
+  for key in ("num_layers", "d_model", "num_heads", "num_kv_heads", "mlp_hidden", "vocab_size"):
+    _require(isinstance(m[key], int) and m[key] > 0, f"model.{key}", f"must be a positive integer, got {m[key]!r}",
+             errors)
+  if errors:
+    return
+  _require(m.head_dim >= 0, "model.head_dim", f"must be >= 0 (0 = d_model // num_heads), got {m.head_dim}", errors)
+  if m.head_dim == 0:
+    _require(m.d_model % m.num_heads == 0, "model.d_model",
+             f"{m.d_model} is not divisible by model.num_heads={m.num_heads} (set model.head_dim explicitly)", errors)
+  _require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
+           f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={m.num_kv_heads}", errors)
+  hd = head_dim(m)
+  _require(hd % 2 == 0, "model.head_dim", f"rotary embedding needs an even head dimension, got {hd}", errors)
+  _require(m.rope_theta > 0, "model.rope_theta", f"must be positive, got {m.rope_theta}", errors)
+  _require(m.norm_eps > 0, "model.norm_eps", f"must be positive, got {m.norm_eps}", errors)
+  for key in ("param_dtype", "dtype"):
+    _require(m[key] in DTYPES, f"model.{key}", f"must be one of {DTYPES}, got {m[key]!r}", errors)
+  _require(m.remat_policy in REMAT_POLICIES, "model.remat_policy",
+           f"must be one of {REMAT_POLICIES}, got {m.remat_policy!r}", errors)
+  _require(m.matmul_precision in MATMUL_PRECISIONS, "model.matmul_precision",
+           f"must be one of {MATMUL_PRECISIONS}, got {m.matmul_precision!r}", errors)
+
+
+SPECIAL_ID_KEYS = ("mask_id", "bos_id", "eos_id", "pad_id", "soi_id", "eoi_id", "t2i_id", "mmu_id", "ipad_id",
+                   "start_header_id", "end_header_id", "eot_id")
+
+
+def _validate_vocab(v: ConfigDict, model: ConfigDict, errors: list[str]) -> None:
+  rows = model.vocab_size
+  for key in SPECIAL_ID_KEYS:
+    _require(isinstance(v[key], int) and 0 <= v[key] < v.text_vocab_size, f"vocab.{key}",
+             f"{v[key]!r} is not a text id in [0, vocab.text_vocab_size={v.text_vocab_size})", errors)
+  _require(v.codebook_size > 0, "vocab.codebook_size", f"must be positive, got {v.codebook_size}", errors)
+  _require(v.image_offset >= v.text_vocab_size, "vocab.image_offset",
+           f"image ids ({v.image_offset}+code) overlap the text ids [0, {v.text_vocab_size})", errors)
+  _require(v.image_offset + v.codebook_size <= rows, "vocab.image_offset",
+           f"image ids end at vocab.image_offset + vocab.codebook_size = {v.image_offset + v.codebook_size}, beyond the "
+           f"model.vocab_size={rows} rows of the embedding", errors)
+  _require(v.num_image_tokens > 0, "vocab.num_image_tokens", f"must be positive, got {v.num_image_tokens}", errors)
+
+
+def _validate_magvit(g: ConfigDict, vocab: ConfigDict, errors: list[str]) -> None:
+  for side in ("encoder", "decoder"):
+    mult, blocks = g[f"{side}_channel_mult"], g[f"{side}_num_res_blocks"]
+    _require(len(mult) == len(blocks) and len(mult) > 0, f"magvit.{side}_num_res_blocks",
+             f"needs one entry per level of magvit.{side}_channel_mult ({len(mult)} levels), got {len(blocks)}", errors)
+  _require(len(g.encoder_channel_mult) == len(g.decoder_channel_mult), "magvit.decoder_channel_mult",
+           "encoder and decoder must have the same number of levels", errors)
+  for mult_key in ("encoder_channel_mult", "decoder_channel_mult"):
+    for c in g[mult_key]:
+      _require((g.channels * c) % g.norm_groups == 0, f"magvit.{mult_key}",
+               f"width {g.channels}*{c} is not divisible by magvit.norm_groups={g.norm_groups}", errors)
+  factor = 2 ** (len(g.encoder_channel_mult) - 1)
+  _require(g.resolution % factor == 0, "magvit.resolution",
+           f"{g.resolution} is not divisible by the downsampling factor {factor}", errors)
+  _require(2 ** g.codebook_bits == vocab.codebook_size, "magvit.codebook_bits",
+           f"2**{g.codebook_bits} codes != vocab.codebook_size={vocab.codebook_size}", errors)
+  for key in ("param_dtype", "dtype"):
+    _require(g[key] in DTYPES, f"magvit.{key}", f"must be one of {DTYPES}, got {g[key]!r}", errors)
+
+
+def _validate_data(d: ConfigDict, vocab: ConfigDict, errors: list[str]) -> None:
+  _require(isinstance(d.max_text_len, int) and d.max_text_len > 0, "data.max_text_len",
+           f"must be a positive integer, got {d.max_text_len!r}", errors)
+
+
+def validate(config: ConfigDict) -> ConfigDict:
+  """Checks the whole config; raises ConfigError listing every problem with its key. Returns the config."""
+  errors: list[str] = []
+  for section in ("model", "vocab", "sharding", "magvit", "data", "checkpoint"):
+    if section not in config:
+      errors.append(f"{section}: section missing (start experiment files from mmada_jax.config.get_base_config())")
+  if errors:
+    raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+  _validate_model(config.model, errors)
+  if not errors:
+    _validate_vocab(config.vocab, config.model, errors)
+  _validate_magvit(config.magvit, config.vocab, errors)
+  _validate_data(config.data, config.vocab, errors)
+  from mmada_jax.parallel import rules  # local import: parallel depends on config, not the reverse
+
+  errors.extend(rules.validate_sharding_config(config.sharding))
+  if errors:
+    raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+  return config
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading experiment files
+
+
+def load_config_file(path: str, arg: str | None = None) -> ConfigDict:
+  """Imports an experiment file and calls its `get_config(arg)`; `path` may end in `:arg`."""
+  if arg is None and ":" in os.path.basename(path):
+    path, arg = path.rsplit(":", 1)
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file not found: {path}")
+  spec = importlib.util.spec_from_file_location(f"_mmada_experiment_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path} defines no get_config()")
+  config = module.get_config(arg) if arg is not None else module.get_config()
+  return config
+
+
+def parse_override_value(text: str, current: Any) -> Any:
+  """Parses `text` into the type of the existing value `current`."""
+  if isinstance(current, bool):
+    low = text.lower()
+    if low in ("true", "1", "yes"):
+      return True
+    if low in ("false", "0", "no"):
+      return False
+    raise ConfigError(f"expected a boolean, got {text!r}")
+  if isinstance(current, int):
+    return int(text)
+  if isinstance(current, float):
+    return float(text)
+  if isinstance(current, (tuple, list)):
+    items = [t.strip() for t in text.strip("()[]").split(",") if t.strip()]
+    elem = current[0] if current else ""
+    return type(current)(parse_override_value(t, elem) for t in items)
+  return text
+
+
+def apply_overrides(config: ConfigDict, overrides: dict[str, str]) -> ConfigDict:
+  """Applies `{"model.num_layers": "4", ...}` (values as strings, typed like the existing value)."""
+  for dotted, text in overrides.items():
+    parent, _, leaf = dotted.rpartition(".")
+    node = config
+    for part in filter(None, parent.split(".")):
+      if part not in node:
+        raise ConfigError(f"--config.{dotted}: no such key '{part}' (known: {sorted(node.keys())})")
+      node = node[part]
+    if leaf not in node:
+      if isinstance(node, ConfigDict) and dotted.startswith("sharding.rule_overrides."):
+        with node.unlocked():
+          node[leaf] = text
+        continue
+      raise ConfigError(f"--config.{dotted}: no such key '{leaf}' (known: {sorted(node.keys())})")
+    try:
+      node[leaf] = parse_override_value(text, node[leaf])
+    except (ValueError, ConfigError) as e:
+      raise ConfigError(f"--config.{dotted}={text}: {e}") from None
+  return config
+
+
+def split_config_args(argv: list[str]) -> tuple[str | None, dict[str, str], list[str]]:
+  """Separates `--config PATH` / `--config=PATH` and `--config.a.b=V` / `--config.a.b V` from other arguments."""
+  path, overrides, rest = None, {}, []
+  i = 0
+  while i < len(argv):
+    a = argv[i]
+    if a == "--config" or a.startswith("--config="):
+      if a == "--config":
+        if i + 1 >= len(argv):
+          raise ConfigError("--config needs a file path")
+        path, i = argv[i + 1], i + 2
+      else:
+        path, i = a.split("=", 1)[1], i + 1
+      continue
+    if a.startswith("--config."):
+      key = a[len("--config."):]
+      if "=" in key:
+        key, value = key.split("=", 1)
+        i += 1
+      else:
+        if i + 1 >= len(argv):
+          raise ConfigError(f"{a} needs a value")
+        value, i = argv[i + 1], i + 2
+      overrides[key] = value
+      continue
+    rest.append(a)
+    i += 1
+  return path, overrides, rest
+
+
+def load_config(path: str, overrides: dict[str, str] | None = None) -> ConfigDict:
+  """Loads an experiment file, applies command-line overrides, validates, and locks the result."""
+  config = load_config_file(path)
+  if not isinstance(config, ConfigDict):
+    raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict")
+  apply_overrides(config, overrides or {})
+  validate(config)
+  config.lock()
+  return config
