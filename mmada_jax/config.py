@@ -49,7 +49,6 @@ def model_section() -> ConfigDict:
   m.matmul_precision = "default"  # lax.Precision for matmuls; "highest" forces full fp32 on TPU/GPU
   m.scan_layers = True  # stack layers with nn.scan (parameters get a leading `layers` axis)
   m.remat_policy = "none"  # activation rematerialisation per layer, one of REMAT_POLICIES
-  m.init_std = 0.02  # std of the embedding initialiser; kernels use 1/sqrt(fan_in) (official "mitchell" init)
   return m
 
 
@@ -58,7 +57,7 @@ def vocab_section() -> ConfigDict:
   v = ConfigDict()
   v.text_vocab_size = 126349  # len(tokenizer): ids 0 .. 126348 are text
   v.llm_vocab_size = 126464  # rows of LLaDA before the image rows were added (official `llm_vocab_size`)
-  v.codebook_size = 8192  # image codes
+  v.codebook_size = 8192  # image codes (0 = a text-only model such as LLaDA)
   v.image_offset = 126349  # image token id = image_offset + code (len(tokenizer), not llm_vocab_size)
   v.mask_id = 126336  # [MASK], shared by text and image positions
   v.bos_id = 126080  # <|startoftext|> / <|sot|>
@@ -79,6 +78,14 @@ def vocab_section() -> ConfigDict:
   v.end_header_id = 126347  # <|end_header_id|>
   v.eot_id = 126348  # <|eot_id|> (end of a chat turn)
   v.num_image_tokens = 256  # image tokens per image (256 at 256 px, 1024 at 512 px)
+  # Token strings that appear inside text (chat headers, CoT markers). The tokenizer wrapper checks that the special
+  # ones map to the ids above (mmada-official.md §3.4, §3.5, §9.2); the <think> markers are ordinary text officially.
+  v.mask_token = "<|mdm_mask|>"
+  v.start_header_token = "<|start_header_id|>"
+  v.end_header_token = "<|end_header_id|>"
+  v.eot_token = "<|eot_id|>"
+  v.think_open = "<think>"
+  v.think_close = "</think>"
   return v
 
 
@@ -117,6 +124,34 @@ def data_section() -> ConfigDict:
   """Data sources, sequence layouts and batch composition (filled in by the data pipeline)."""
   d = ConfigDict()
   d.max_text_len = 128  # S: text tokens of the t2i prefix / mmu text part (official `max_seq_length`)
+  # Sequence layouts (mmada-official.md §3, quirks §8).
+  d.cond_dropout_prob = 0.1  # t2i: probability of replacing the caption by the null prompt (§3.1)
+  d.mmu_literal_eot = True  # §8.10: mmu training prompts carry the literal text "<eot_id>" (official); False = <|eot_id|>
+  d.valid_mask_all_ones = True  # §3.3: lm/mmu valid mask computed after padding (all ones, official); False = real tokens
+  d.lm_max_chars = 8000  # pre-training text: random window of this many characters, newlines removed (§4.6); 0 = off
+  d.drop_long_captions = False  # t2i: skip captions longer than S tokens (official stages >= 1.2) instead of truncating
+  # Batch composition: rows per step of each task over all hosts (official per-GPU sizes x data-parallel replicas).
+  d.batch_size_t2i = 7
+  d.batch_size_lm = 2
+  d.batch_size_mmu = 6
+  # Sources per task ("kind:argument", see mmada_jax/data/sources.py) and their mixture weights (stage 2.2 style, §4.6).
+  d.t2i_sources = ("toyworld",)
+  d.t2i_weights = (1.0,)
+  d.lm_sources = ("toyworld",)
+  d.lm_weights = (1.0,)
+  d.mmu_sources = ("toyworld",)
+  d.mmu_weights = (1.0,)
+  d.shuffle = True  # global shuffle of every source each epoch (seeded from config.seed)
+  d.strict = False  # raise on the first bad record (with its id) instead of skipping and counting it
+  d.tokenizer_dir = ""  # directory with tokenizer.json (official LLaDA/MMaDA files); "" = the ToyWorld tokenizer
+  d.data_dir = ""  # where built data sets (ToyWorld ArrayRecord) live; "" = ~/.cache/mmada_jax
+  # ToyWorld, the built-in data set (mmada_jax/data/toyworld.py).
+  d.toyworld = ConfigDict()
+  d.toyworld.image_size = 64  # pixels per side of the RGB images
+  d.toyworld.max_objects = 4  # at most this many shapes per image
+  d.toyworld.num_train = 20000  # records per split (the test split is fixed by its own seed)
+  d.toyworld.num_validation = 1000
+  d.toyworld.num_test = 1000
   return d
 
 
@@ -189,7 +224,8 @@ def _validate_vocab(v: ConfigDict, model: ConfigDict, errors: list[str]) -> None
   for key in SPECIAL_ID_KEYS:
     _require(isinstance(v[key], int) and 0 <= v[key] < v.text_vocab_size, f"vocab.{key}",
              f"{v[key]!r} is not a text id in [0, vocab.text_vocab_size={v.text_vocab_size})", errors)
-  _require(v.codebook_size > 0, "vocab.codebook_size", f"must be positive, got {v.codebook_size}", errors)
+  _require(v.codebook_size >= 0, "vocab.codebook_size", f"must be >= 0 (0 = text-only model), got {v.codebook_size}",
+           errors)
   _require(v.image_offset >= v.text_vocab_size, "vocab.image_offset",
            f"image ids ({v.image_offset}+code) overlap the text ids [0, {v.text_vocab_size})", errors)
   _require(v.image_offset + v.codebook_size <= rows, "vocab.image_offset",
@@ -212,7 +248,7 @@ def _validate_magvit(g: ConfigDict, vocab: ConfigDict, errors: list[str]) -> Non
   factor = 2 ** (len(g.encoder_channel_mult) - 1)
   _require(g.resolution % factor == 0, "magvit.resolution",
            f"{g.resolution} is not divisible by the downsampling factor {factor}", errors)
-  _require(2 ** g.codebook_bits == vocab.codebook_size, "magvit.codebook_bits",
+  _require(vocab.codebook_size == 0 or 2 ** g.codebook_bits == vocab.codebook_size, "magvit.codebook_bits",
            f"2**{g.codebook_bits} codes != vocab.codebook_size={vocab.codebook_size}", errors)
   for key in ("param_dtype", "dtype"):
     _require(g[key] in DTYPES, f"magvit.{key}", f"must be one of {DTYPES}, got {g[key]!r}", errors)

@@ -1,0 +1,148 @@
+"""The `mmada-jax` command line.
+
+  mmada-jax info    --config experiments/mmada_8b.py [--config.model.num_layers=4 ...]
+  mmada-jax convert SRC DST [--layout stacked|unstacked] [--config FILE] [--overwrite]
+
+`convert` looks at SRC: an official Hugging Face directory (config.json + *.safetensors) is imported into an Orbax
+parameter checkpoint at DST; an mmada-jax parameter checkpoint is exported to an official directory at DST.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+from mmada_jax import config as config_lib
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+  return argparse.ArgumentParser(prog=f"mmada-jax {prog}", description=description)
+
+
+def _load(argv: list[str], required: bool = True):
+  """Splits `--config FILE --config.a.b=V` from argv; returns (config or None, remaining argv)."""
+  path, overrides, rest = config_lib.split_config_args(argv)
+  if path is None:
+    if required:
+      raise config_lib.ConfigError("--config FILE is required (see experiments/)")
+    if overrides:
+      raise config_lib.ConfigError("--config.KEY overrides need --config FILE")
+    return None, rest
+  return config_lib.load_config(path, overrides), rest
+
+
+def cmd_info(argv: list[str]) -> int:
+  """Prints the resolved config, the parameter count and bytes per device under the configured mesh."""
+  config, rest = _load(argv)
+  _parser("info", "Show a config, its parameter count and per-device parameter memory.").parse_args(rest)
+  import flax.linen as nn
+  import jax
+  import numpy as np
+
+  from mmada_jax.models import llada
+  from mmada_jax.parallel import mesh as mesh_lib, partitioning, rules as rules_lib
+
+  print(config)
+  model = llada.build_model(config.model)
+  boxed = partitioning.abstract_variables(model)["params"]
+  leaves = jax.tree.leaves(nn.unbox(boxed))
+  n_params = sum(int(np.prod(x.shape)) for x in leaves)
+  mesh = mesh_lib.create_mesh(config.sharding)
+  rules = rules_lib.resolve_rules(config.sharding.preset, dict(config.sharding.rule_overrides))
+  shardings = partitioning.mesh_shardings(boxed, mesh, rules)
+  per_device = 0
+  for leaf, sh in zip(leaves, jax.tree.leaves(shardings)):
+    per_device += int(np.prod(sh.shard_shape(leaf.shape))) * np.dtype(leaf.dtype).itemsize
+  print(f"parameters: {n_params:,} ({config.model.param_dtype})")
+  print(f"mesh: {dict(mesh.shape)} on {len(mesh.devices.flat)} {jax.devices()[0].platform} device(s), "
+        f"preset {config.sharding.preset!r}")
+  print(f"parameter bytes per device: {per_device / 2**30:.3f} GiB")
+  return 0
+
+
+def cmd_convert(argv: list[str]) -> int:
+  """Official checkpoint <-> mmada-jax parameter checkpoint, direction detected from SRC."""
+  config, rest = _load(argv, required=False)
+  p = _parser("convert", "Convert official MMaDA/LLaDA (and MAGVIT-v2) checkpoints to Orbax and back.")
+  p.add_argument("src", help="official checkpoint directory, or an mmada-jax parameter checkpoint")
+  p.add_argument("dst", help="output path (must not exist unless --overwrite)")
+  p.add_argument("--layout", choices=("stacked", "unstacked"), default=None,
+                 help="layer layout of the imported tree (default: stacked, or unstacked when the config sets "
+                      "model.scan_layers=False)")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing output checkpoint")
+  args = p.parse_args(rest)
+  from mmada_jax import checkpoint as ckpt
+  from mmada_jax.convert import official
+
+  src = os.path.abspath(args.src)
+  if os.path.isdir(os.path.join(src, "metadata")) and os.path.isdir(os.path.join(src, "params")):
+    kind = ckpt.read_metadata(src).get("kind")
+    exporter = _exporters().get(kind)
+    if exporter is None:
+      raise ckpt.CheckpointError(f"{src}: no exporter for checkpoint kind {kind!r}")
+    exporter(src, args.dst)
+    return 0
+  layout = args.layout or ("stacked" if config is None or config.model.scan_layers else "unstacked")
+  if _is_magvit_dir(src):
+    from mmada_jax.convert import magvit
+
+    magvit.convert_magvit_to_orbax(src, args.dst, overwrite=args.overwrite)
+    return 0
+  official.import_official(src, args.dst, layout=layout, model_config=config.model if config else None,
+                           vocab_config=config.vocab if config else None, overwrite=args.overwrite)
+  return 0
+
+
+def _exporters() -> dict[str, Callable]:
+  from mmada_jax.convert import official
+
+  out = {official.KIND: official.export_official}
+  try:
+    from mmada_jax.convert import magvit
+
+    out["magvit"] = magvit.export_magvit
+  except ImportError:
+    pass
+  return out
+
+
+def _is_magvit_dir(src: str) -> bool:
+  """A MAGVIT-v2 checkpoint has encoder./decoder./quantize. keys instead of model.transformer. ones."""
+  from mmada_jax.convert import safetensors_io as st
+
+  if not os.path.isdir(src) or not any(n.endswith((".safetensors", ".bin")) for n in os.listdir(src)):
+    return False
+  if not any(n.endswith(".safetensors") for n in os.listdir(src)):
+    return True  # pytorch_model.bin: only MAGVIT weights are accepted in that format
+  keys = st.CheckpointDir(src).keys()
+  return any(k.startswith("encoder.") for k in keys) and not any(k.startswith("model.") for k in keys)
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"info": cmd_info, "convert": cmd_convert}
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0] in ("-h", "--help"):
+    print(__doc__.strip())
+    print("\ncommands: " + ", ".join(COMMANDS))
+    return 0 if argv else 2
+  name, rest = argv[0], argv[1:]
+  if name not in COMMANDS:
+    print(f"mmada-jax: unknown command {name!r} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
+    return 2
+  from mmada_jax.checkpoint import CheckpointError
+  from mmada_jax.convert.official import ConversionError
+  from mmada_jax.convert.safetensors_io import SafetensorsError
+
+  try:
+    return COMMANDS[name](rest)
+  except (config_lib.ConfigError, CheckpointError, ConversionError, SafetensorsError) as e:
+    print(f"mmada-jax {name}: error: {e}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

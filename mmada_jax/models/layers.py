@@ -1,0 +1,212 @@
+"""Building blocks of the LLaDA/MMaDA backbone: RMSNorm, rotary embedding, attention, SwiGLU MLP.
+
+Numerics follow the official `modeling_llada.py` (specs/mmada-official.md §1.3-§1.5): RMSNorm statistics in fp32,
+rotate-half RoPE in fp32 at absolute positions, bidirectional attention whose disallowed pairs get the most negative
+finite float (so a fully padded query row is a uniform softmax, never NaN). Matmuls take operands in the compute dtype
+and accumulate in fp32 (`preferred_element_type`), the fast form on TPU and on CPUs with bf16 units.
+
+Every parameter carries logical axis names (Decision 2); activations are constrained with logical names too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+Array = jax.Array
+NEG_INF = float(np.finfo(np.float32).min)  # what the official code adds to disallowed pairs
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelArgs:
+  """Static model hyper-parameters (hashable, built from `config.model` by `ModelArgs.from_config`)."""
+  num_layers: int
+  d_model: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_hidden: int
+  vocab_size: int
+  rope_theta: float = 500000.0
+  norm_eps: float = 1e-5
+  param_dtype: Any = jnp.float32
+  dtype: Any = jnp.float32
+  precision: Any = None
+  scan_layers: bool = True
+  remat_policy: str = "none"
+
+  @classmethod
+  def from_config(cls, model_config) -> "ModelArgs":
+    from mmada_jax.config import head_dim
+
+    m = model_config
+    return cls(num_layers=m.num_layers, d_model=m.d_model, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
+               head_dim=head_dim(m), mlp_hidden=m.mlp_hidden, vocab_size=m.vocab_size, rope_theta=m.rope_theta,
+               norm_eps=m.norm_eps, param_dtype=jnp.dtype(m.param_dtype), dtype=jnp.dtype(m.dtype),
+               precision=None if m.matmul_precision == "default" else jax.lax.Precision(m.matmul_precision.upper()),
+               scan_layers=m.scan_layers, remat_policy=m.remat_policy)
+
+
+def fan_in_init(fan_in_axes: tuple[int, ...]) -> Callable:
+  """Truncated normal (±3σ) with σ = 1/sqrt(fan_in), the official "mitchell" initialiser without the depth factor."""
+
+  def init(key, shape, dtype=jnp.float32):
+    fan_in = int(np.prod([shape[a] for a in fan_in_axes]))
+    std = 1.0 / np.sqrt(fan_in)
+    return (jax.random.truncated_normal(key, -3.0, 3.0, shape, jnp.float32) * std).astype(dtype)
+
+  return init
+
+
+def matmul(eq: str, x: Array, w: Array, args: ModelArgs) -> Array:
+  """`einsum(eq, x, w)` with operands in the compute dtype and fp32 accumulation; result in the compute dtype."""
+  out = jnp.einsum(eq, x.astype(args.dtype), w.astype(args.dtype), precision=args.precision,
+                   preferred_element_type=jnp.float32)
+  return out.astype(args.dtype)
+
+
+class Linear(nn.Module):
+  """A bias-free projection with an N-d kernel and logical axis names.
+
+  `kernel_shape`/`kernel_axes` describe the kernel; `eq` contracts it with the input (e.g. "bld,dhk->blhk").
+  """
+  args: ModelArgs
+  kernel_shape: tuple[int, ...]
+  kernel_axes: tuple[str, ...]
+  eq: str
+  fan_in_axes: tuple[int, ...] = (0,)
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param("kernel", nn.with_logical_partitioning(fan_in_init(self.fan_in_axes), self.kernel_axes),
+                        self.kernel_shape, self.args.param_dtype)
+    return matmul(self.eq, x, kernel, self.args)
+
+
+class RMSNorm(nn.Module):
+  """x / sqrt(mean(x²) + eps) computed in fp32, cast back to the input dtype, then times `scale` (no bias)."""
+  args: ModelArgs
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],),
+                       self.args.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.args.norm_eps)
+    return y.astype(x.dtype) * scale.astype(x.dtype)
+
+
+def rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+  """sin, cos of shape [batch, length, head_dim] (fp32) for integer `positions` [batch, length].
+
+  inv_freq[i] = theta^(-2i/head_dim); the angle table is repeated over both halves (rotate-half convention).
+  """
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  ang = positions.astype(jnp.float32)[..., None] * inv_freq
+  emb = jnp.concatenate([ang, ang], axis=-1)
+  return jnp.sin(emb), jnp.cos(emb)
+
+
+def apply_rope(x: Array, sin: Array, cos: Array) -> Array:
+  """Rotary embedding on x [batch, length, heads, head_dim] in fp32; returns x's dtype."""
+  x32 = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+  return out.astype(x.dtype)
+
+
+def attention_bias_from_mask(mask: Array | None, length: int) -> Array | None:
+  """Normalises the model's `attention_mask` argument to a [batch, 1, length, length] bias or boolean pair mask.
+
+  Accepted forms (the official conventions, specs/mmada-official.md §1.5):
+    None                       no mask: every token attends to every token (padding included);
+    bool/int [batch, length]   key/query padding mask m: pair mask m[:, :, None] & m[:, None, :] (what MMaDA's
+                               samplers build);
+    bool [batch, (1,) L, L]    boolean pair mask, True = may attend;
+    float [batch, (1,) L, L]   additive bias, added to the scores unchanged (the float 0/1 bias of training).
+  """
+  if mask is None:
+    return None
+  if mask.ndim == 2:
+    if mask.shape[1] != length:
+      raise ValueError(f"attention_mask has shape {mask.shape}, expected [batch, {length}]")
+    m = mask.astype(bool)
+    return (m[:, :, None] & m[:, None, :])[:, None]
+  if mask.ndim == 3:
+    mask = mask[:, None]
+  if mask.ndim != 4 or mask.shape[-2:] != (length, length):
+    raise ValueError(f"attention_mask has shape {mask.shape}, expected [batch, length], [batch, L, L] or "
+                     f"[batch, 1, L, L] with L={length}")
+  if jnp.issubdtype(mask.dtype, jnp.floating):
+    return mask
+  return mask.astype(bool)
+
+
+class Attention(nn.Module):
+  """Bidirectional multi-head attention with separate q/k/v projections (LLaDA llama block)."""
+  args: ModelArgs
+
+  @nn.compact
+  def __call__(self, x: Array, bias: Array | None, sin: Array, cos: Array) -> Array:
+    a = self.args
+    proj = lambda n, heads, axis: Linear(a, (a.d_model, heads, a.head_dim), ("embed", axis, "head_dim"),
+                                         "bld,dhk->blhk", name=n)(x)
+    q = nn.with_logical_constraint(proj("q_proj", a.num_heads, "heads"),
+                                   ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
+    k = proj("k_proj", a.num_kv_heads, "kv_heads")
+    v = proj("v_proj", a.num_kv_heads, "kv_heads")
+    q = checkpoint_name(apply_rope(q, sin, cos), "query_proj")
+    k = checkpoint_name(apply_rope(k, sin, cos), "key_proj")
+    v = checkpoint_name(v, "value_proj")
+    out = dot_product_attention(q, k, v, bias, a)
+    out = Linear(a, (a.num_heads, a.head_dim, a.d_model), ("heads", "head_dim", "embed"), "blhk,hkd->bld",
+                 fan_in_axes=(0, 1), name="attn_out")(out)
+    return checkpoint_name(out, "out_proj")
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, bias: Array | None, args: ModelArgs) -> Array:
+  """softmax(q kᵀ / sqrt(head_dim) + bias) v.
+
+  q [batch, length, heads, head_dim], k/v [batch, length, kv_heads, head_dim] → [batch, length, heads, head_dim].
+  Computed in [batch, heads, length, head_dim] layout (much faster than the token-major einsum on CPU); scores and
+  softmax in fp32. A boolean `bias` selects pairs (others get the most negative finite float, as the official code),
+  a float `bias` is added.
+  """
+  group = q.shape[2] // k.shape[2]
+  if group > 1:  # grouped-query attention: query head h uses kv head h // group (official repeat_interleave)
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+  qh, kh, vh = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
+  scores = jnp.einsum("bhqd,bhkd->bhqk", qh, kh, precision=args.precision, preferred_element_type=jnp.float32)
+  scores = scores * (1.0 / np.sqrt(q.shape[-1]))
+  if bias is not None:
+    if bias.dtype == jnp.bool_:
+      scores = jnp.where(bias, scores, NEG_INF)
+    else:
+      scores = scores + bias.astype(jnp.float32)
+  probs = jax.nn.softmax(scores, axis=-1).astype(args.dtype)
+  out = jnp.einsum("bhqk,bhkd->bhqd", probs, vh.astype(args.dtype), precision=args.precision,
+                   preferred_element_type=jnp.float32).astype(args.dtype)
+  return jnp.swapaxes(out, 1, 2)
+
+
+class MLP(nn.Module):
+  """SwiGLU: ff_out(silu(ff_proj(x)) * up_proj(x))."""
+  args: ModelArgs
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    a = self.args
+    gate = Linear(a, (a.d_model, a.mlp_hidden), ("embed", "mlp"), "bld,df->blf", name="ff_proj")(x)
+    up = Linear(a, (a.d_model, a.mlp_hidden), ("embed", "mlp"), "bld,df->blf", name="up_proj")(x)
+    gate = checkpoint_name(gate, "mlp_gate")
+    up = checkpoint_name(up, "mlp_up")
+    h = nn.with_logical_constraint(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+    out = Linear(a, (a.mlp_hidden, a.d_model), ("mlp", "embed"), "blf,fd->bld", name="ff_out")(h)
+    return checkpoint_name(out, "mlp_out")
