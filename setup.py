@@ -15,6 +15,14 @@ INSTALL_REQUIRES = [
     "einops>=0.8",
     "tqdm>=4.60",
     "psutil>=5.9",
+    "scipy>=1.10",
+    # data: text tokenizers, grain pipelines, ArrayRecord / tensorflow-datasets (no TensorFlow needed), images, Parquet
+    "tokenizers>=0.20",
+    "grain>=0.2.12",
+    "array-record>=0.7",
+    "tensorflow-datasets>=4.9.8",
+    "pillow>=10.0",
+    "pyarrow>=15.0",
 ]
 
 EXTRAS = {

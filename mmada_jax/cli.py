@@ -2,6 +2,7 @@
 
   mmada-jax info    --config experiments/mmada_8b.py [--config.model.num_layers=4 ...]
   mmada-jax convert SRC DST [--layout stacked|unstacked] [--config FILE] [--overwrite]
+  mmada-jax toyworld build|check|tokenizer [--config FILE] [...]
 
 `convert` looks at SRC: an official Hugging Face directory (config.json + *.safetensors) is imported into an Orbax
 parameter checkpoint at DST; an mmada-jax parameter checkpoint is exported to an official directory at DST.
@@ -120,7 +121,15 @@ def _is_magvit_dir(src: str) -> bool:
   return any(k.startswith("encoder.") for k in keys) and not any(k.startswith("model.") for k in keys)
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"info": cmd_info, "convert": cmd_convert}
+def cmd_toyworld(argv: list[str]) -> int:
+  """ToyWorld data set: `build` (ArrayRecord splits), `check` (image checker accuracy), `tokenizer`."""
+  from mmada_jax.data import toyworld_tfds
+
+  return toyworld_tfds.main_toyworld(argv)
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"info": cmd_info, "convert": cmd_convert,
+                                                    "toyworld": cmd_toyworld}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -115,8 +115,33 @@ def magvit_section() -> ConfigDict:
   g.codebook_bits = 13  # z_channels: 2**13 = 8192 codes
   g.norm_groups = 32
   g.norm_eps = 1e-6
+  # Feature-map sizes (relative to `resolution`, as the official constructor computes them) that get an attention block
+  # after every residual block of that level. The official model lists 5, which never occurs: only the mid attention.
+  g.attn_resolutions = (5,)
   g.param_dtype = "float32"
   g.dtype = "float32"
+  g.matmul_precision = "default"  # "highest" for fp32 parity on TPU/GPU
+  g.resize_mode = "crop"  # image I/O: "crop" (shorter side, centre crop) or "squash" (spec §2.6)
+  # LFQ training losses (official LFQuantizer defaults, parity README §9).
+  g.beta = 0.25
+  g.commit_multiplier = 0.1
+  g.entropy_multiplier = 0.1
+  # Training from scratch (mmada_jax/models/magvit_train.py).
+  g.train = ConfigDict()
+  g.train.steps = 2000
+  g.train.batch_size = 32  # global batch, split over the data-parallel devices
+  g.train.learning_rate = 1e-3
+  g.train.warmup_steps = 100
+  g.train.weight_decay = 1e-4
+  g.train.grad_clip = 1.0
+  g.train.recon_loss = "l1"  # "l1" or "l2" on [-1, 1] pixels
+  g.train.recon_weight = 1.0
+  g.train.entropy_weight = 1.0  # scales the (already multiplied) LFQ entropy loss
+  g.train.commit_weight = 1.0  # scales the (already multiplied) LFQ commitment loss
+  g.train.log_every = 50
+  g.train.checkpoint_every = 500
+  g.train.keep = 2  # checkpoints kept
+  g.train.eval_images = 256  # held-out images for the PSNR at the end
   return g
 
 
@@ -126,8 +151,8 @@ def data_section() -> ConfigDict:
   d.max_text_len = 128  # S: text tokens of the t2i prefix / mmu text part (official `max_seq_length`)
   # Sequence layouts (mmada-official.md §3, quirks §8).
   d.cond_dropout_prob = 0.1  # t2i: probability of replacing the caption by the null prompt (§3.1)
-  d.mmu_literal_eot = True  # §8.10: mmu training prompts carry the literal text "<eot_id>" (official); False = <|eot_id|>
-  d.valid_mask_all_ones = True  # §3.3: lm/mmu valid mask computed after padding (all ones, official); False = real tokens
+  d.mmu_literal_eot = True  # §8.10: mmu training prompts end the user turn with the literal text "<eot_id>" (official)
+  d.valid_mask_all_ones = True  # §3.3: lm/mmu valid mask built after padding = all ones (official); False: real tokens
   d.lm_max_chars = 8000  # pre-training text: random window of this many characters, newlines removed (§4.6); 0 = off
   d.drop_long_captions = False  # t2i: skip captions longer than S tokens (official stages >= 1.2) instead of truncating
   # Batch composition: rows per step of each task over all hosts (official per-GPU sizes x data-parallel replicas).
@@ -143,11 +168,14 @@ def data_section() -> ConfigDict:
   d.mmu_weights = (1.0,)
   d.shuffle = True  # global shuffle of every source each epoch (seeded from config.seed)
   d.strict = False  # raise on the first bad record (with its id) instead of skipping and counting it
+  d.read_threads = 4  # grain threads that decode / lay out records
+  d.prefetch_buffer = 64  # records decoded ahead per source
   d.tokenizer_dir = ""  # directory with tokenizer.json (official LLaDA/MMaDA files); "" = the ToyWorld tokenizer
   d.data_dir = ""  # where built data sets (ToyWorld ArrayRecord) live; "" = ~/.cache/mmada_jax
   # ToyWorld, the built-in data set (mmada_jax/data/toyworld.py).
   d.toyworld = ConfigDict()
   d.toyworld.image_size = 64  # pixels per side of the RGB images
+  d.toyworld.grid = 3  # 3x3 (or 2x2) grid of object positions; image_size / grid must be >= 16 pixels
   d.toyworld.max_objects = 4  # at most this many shapes per image
   d.toyworld.num_train = 20000  # records per split (the test split is fixed by its own seed)
   d.toyworld.num_validation = 1000
@@ -252,11 +280,62 @@ def _validate_magvit(g: ConfigDict, vocab: ConfigDict, errors: list[str]) -> Non
            f"2**{g.codebook_bits} codes != vocab.codebook_size={vocab.codebook_size}", errors)
   for key in ("param_dtype", "dtype"):
     _require(g[key] in DTYPES, f"magvit.{key}", f"must be one of {DTYPES}, got {g[key]!r}", errors)
+  for side in ("encoder", "decoder"):
+    _require(all(isinstance(b, int) and b >= 1 for b in g[f"{side}_num_res_blocks"]), f"magvit.{side}_num_res_blocks",
+             f"every level needs at least one residual block, got {tuple(g[f'{side}_num_res_blocks'])}", errors)
+  _require(all(isinstance(r, int) and r > 0 for r in g.attn_resolutions), "magvit.attn_resolutions",
+           f"must be positive integers (feature-map sizes), got {tuple(g.attn_resolutions)}", errors)
+  _require(g.matmul_precision in MATMUL_PRECISIONS, "magvit.matmul_precision",
+           f"must be one of {MATMUL_PRECISIONS}, got {g.matmul_precision!r}", errors)
+  _require(g.resize_mode in ("crop", "squash"), "magvit.resize_mode",
+           f"must be 'crop' or 'squash', got {g.resize_mode!r}", errors)
+  for key in ("beta", "commit_multiplier", "entropy_multiplier"):
+    _require(g[key] >= 0, f"magvit.{key}", f"must be >= 0, got {g[key]}", errors)
+  t = g.train
+  for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep", "eval_images"):
+    _require(isinstance(t[key], int) and t[key] > 0, f"magvit.train.{key}", f"must be a positive integer, got {t[key]!r}",
+             errors)
+  _require(t.learning_rate > 0 and t.warmup_steps >= 0 and t.weight_decay >= 0 and t.grad_clip >= 0,
+           "magvit.train", "learning_rate must be > 0; warmup_steps, weight_decay, grad_clip >= 0", errors)
+  _require(t.recon_loss in ("l1", "l2"), "magvit.train.recon_loss", f"must be 'l1' or 'l2', got {t.recon_loss!r}",
+           errors)
+
+
+DATA_SOURCE_KINDS = ("toyworld", "tfds", "jsonl", "gsm8k", "parquet", "images", "wds", "llava")  # data/sources.py
 
 
 def _validate_data(d: ConfigDict, vocab: ConfigDict, errors: list[str]) -> None:
-  _require(isinstance(d.max_text_len, int) and d.max_text_len > 0, "data.max_text_len",
-           f"must be a positive integer, got {d.max_text_len!r}", errors)
+  _require(isinstance(d.max_text_len, int) and d.max_text_len >= 2, "data.max_text_len",
+           f"must be an integer >= 2 (BOS and EOS), got {d.max_text_len!r}", errors)
+  _require(0.0 <= d.cond_dropout_prob <= 1.0, "data.cond_dropout_prob", f"must be in [0, 1], got {d.cond_dropout_prob}",
+           errors)
+  for key in ("lm_max_chars", "read_threads", "prefetch_buffer"):
+    _require(isinstance(d[key], int) and d[key] >= 0, f"data.{key}", f"must be an integer >= 0, got {d[key]!r}", errors)
+  sizes = {t: d[f"batch_size_{t}"] for t in ("t2i", "lm", "mmu")}
+  for task, rows in sizes.items():
+    _require(isinstance(rows, int) and rows >= 0, f"data.batch_size_{task}", f"must be an integer >= 0, got {rows!r}",
+             errors)
+    specs, weights = tuple(d[f"{task}_sources"]), tuple(d[f"{task}_weights"])
+    if isinstance(rows, int) and rows > 0:
+      _require(len(specs) > 0 and len(specs) == len(weights), f"data.{task}_weights",
+               f"needs one weight per source of data.{task}_sources ({len(specs)}), got {len(weights)}", errors)
+      _require(all(w >= 0 for w in weights) and sum(weights) > 0, f"data.{task}_weights",
+               f"must be >= 0 with a positive sum, got {weights}", errors)
+    for spec in specs:
+      _require(str(spec).partition(":")[0] in DATA_SOURCE_KINDS, f"data.{task}_sources",
+               f"{spec!r} is not 'kind:argument' with kind in {DATA_SOURCE_KINDS}", errors)
+  _require(any(isinstance(r, int) and r > 0 for r in sizes.values()), "data.batch_size_t2i",
+           "data.batch_size_t2i, batch_size_lm and batch_size_mmu are all 0", errors)
+  t = d.toyworld
+  _require(t.grid in (2, 3), "data.toyworld.grid", f"must be 2 or 3, got {t.grid}", errors)
+  if t.grid in (2, 3):
+    _require(t.image_size / t.grid >= 16, "data.toyworld.image_size",
+             f"{t.image_size} px over a {t.grid}x{t.grid} grid leaves cells under 16 px", errors)
+    _require(1 <= t.max_objects <= t.grid ** 2, "data.toyworld.max_objects",
+             f"must be in [1, {t.grid ** 2}] for grid={t.grid}, got {t.max_objects}", errors)
+  for key in ("num_train", "num_validation", "num_test"):
+    _require(isinstance(t[key], int) and t[key] >= 0, f"data.toyworld.{key}",
+             f"must be an integer >= 0, got {t[key]!r}", errors)
 
 
 def validate(config: ConfigDict) -> ConfigDict:

@@ -2,8 +2,8 @@
 
 A safetensors file is an 8-byte little-endian header length, a JSON header `{name: {dtype, shape, data_offsets}}` (plus
 an optional `__metadata__` string map), padded with spaces to 8 bytes, then the raw little-endian tensor bytes.
-Reading maps the file and returns views, so a tensor is only paged in when it is used; writing takes a callable per
-tensor, so only one tensor needs to be in memory at a time.
+Reading loads one tensor per call (a plain read into a fresh buffer, nothing kept), and writing takes a callable per
+tensor, so a conversion only ever holds the tensor it is working on besides its output.
 
 Hugging Face checkpoints are a directory with `config.json` and either one `*.safetensors` file or several plus
 `model.safetensors.index.json` (`{"metadata": {...}, "weight_map": {name: file}}`).
@@ -55,7 +55,7 @@ class TensorInfo:
 
 
 class SafetensorsFile:
-  """One `.safetensors` file; `get(name)` returns a read-only memory-mapped view."""
+  """One `.safetensors` file; `get(name)` reads one tensor into a new array."""
 
   def __init__(self, path: str):
     self.path = path
@@ -89,7 +89,6 @@ class SafetensorsFile:
         raise SafetensorsError(f"{path}: tensor {name!r} ends at byte {self.data_start + end}, beyond the file size "
                                f"{size} (truncated file?)")
       self.tensors[name] = t
-    self._map = None
 
   def order(self) -> list[str]:
     """Tensor names in the order their bytes appear in the file."""
@@ -97,9 +96,9 @@ class SafetensorsFile:
 
   def get(self, name: str) -> np.ndarray:
     t = self.tensors[name]
-    if self._map is None:
-      self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
-    raw = self._map[self.data_start + t.start:self.data_start + t.end]
+    raw = np.fromfile(self.path, dtype=np.uint8, count=t.end - t.start, offset=self.data_start + t.start)
+    if raw.size != t.end - t.start:
+      raise SafetensorsError(f"{self.path}: could not read tensor {name!r} (file changed or truncated)")
     return raw.view(t.np_dtype).reshape(t.shape)
 
 
