@@ -1,0 +1,472 @@
+"""grain pipelines: per-task MapDataset chains and the official per-step batch composition (t2i / lm / mmu).
+
+One chain per source (jax-anchors.md §3.5, §11):
+
+  MapDataset.source(src) -> shuffle(seed) -> repeat() -> random_map(example -> layout) -> [host::hosts]
+    -> to_iter_dataset() -> SkipBad (drops and counts bad records) -> batch(rows per host)
+
+Shuffle, repeat and the per-example randomness (condition dropout, text windows) are indexed by the *global* record
+position, so the data a host sees is a pure function of (seed, process index, process count), and the hosts see
+disjoint records. A task with several sources draws, at every step, the source of its whole batch with probability
+proportional to its weight (the stage-2.2 mixtures of mmada-official.md §4.6 choose per step, not per example).
+
+`MixedBatchIterator` yields `{"t2i": {...}, "lm": {...}, "mmu": {...}}` of `[rows, L]` int32 arrays (the layouts of
+`tokens/prompting.py`); its `get_state()` is a JSON-able dict, and `set_state()` on a fresh iterator resumes with
+exactly the next batch. `statistics()` reports records used, skipped (by reason) and converted per source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections import Counter
+from typing import Any, Callable, Sequence
+
+import grain
+import numpy as np
+
+from mmada_jax.data import sources as src_lib
+from mmada_jax.data import toyworld as tw
+from mmada_jax.tokens import prompting
+from mmada_jax.tokens import text_tokenizer as tt
+
+TASKS = ("t2i", "lm", "mmu")
+TOYWORLD_VARIANTS = {"t2i": ("draw",), "lm": ("text", "chat"), "mmu": ("qa", "cot")}
+CAPTION_PROMPT = "Please describe this image in detail."  # the official default captioning prompt (§3.6)
+ImageEncoder = Callable[[np.ndarray], np.ndarray]  # [H, W, 3] uint8 -> [N] codes
+
+
+@dataclasses.dataclass(frozen=True)
+class Bad:
+  """Stands in for a record that was skipped; SkipBad counts and drops it."""
+
+  record_id: str
+  reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """Everything the per-record transform needs (picklable, so grain workers can use it)."""
+
+  task: str
+  kind: str
+  variant: str
+  prompter: prompting.Prompter
+  tokenizer: tt.TextTokenizer
+  image_encoder: ImageEncoder | None
+  resolution: int
+  cond_dropout_prob: float
+  mmu_literal_eot: bool
+  lm_max_chars: int
+  drop_long_captions: bool
+  strict: bool
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Record -> (text, image) per source kind
+
+
+def _s(value: Any) -> Any:
+  return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def _toyworld_example(raw: dict, ctx: Context) -> dict:
+  rec = {k: _s(v) for k, v in raw.items()}
+  v = ctx.prompter.vocab
+  if ctx.task == "t2i":
+    return dict(text=rec["draw_prompt"], image=rec["image"])
+  if ctx.task == "lm":
+    chat = ctx.variant == "chat"
+    return dict(text=tw.chat_problem_text(rec, v) if chat else rec["lm_text"], plain=not chat)
+  return dict(text=tw.mmu_task_text(rec, v, cot=ctx.variant == "cot", literal_eot=ctx.mmu_literal_eot),
+              image=rec["image"])
+
+
+def _chat_messages(conversations: Sequence[dict], rid: str) -> list[dict]:
+  """LLaVA `conversations` -> chat messages, `<image>` placeholders removed (official stage-4 VQA data, §3.5)."""
+  out = []
+  for turn in conversations:
+    if not isinstance(turn, dict) or "value" not in turn:
+      raise src_lib.BadRecordError(rid, "invalid conversation", repr(turn)[:80])
+    role = "user" if turn.get("from", turn.get("role")) in ("human", "user") else "assistant"
+    text = str(turn["value"]).replace("<image>\n", "").replace("\n<image>", "").replace("<image>", "")
+    out.append({"role": role, "content": text})
+  if not out or not any(m["content"].strip() for m in out):
+    raise src_lib.BadRecordError(rid, "empty text", "conversations")
+  return out
+
+
+def _row_example(row: dict, ctx: Context, rid: str) -> dict:
+  """A JSON / Parquet / webdataset-json row: text, chat, image-caption or VQA fields."""
+  v = ctx.prompter.vocab
+  image = row.get("image_codes")
+  if image is None and ctx.task != "lm":
+    ref = row.get("image", row.get("image_path"))
+    if ref is None:
+      raise src_lib.BadRecordError(rid, "missing image", "no 'image' field")
+    image = os.path.join(row.get("dir", ""), ref) if isinstance(ref, str) else ref
+  if ctx.task == "lm":
+    if "messages" in row:
+      return dict(text=tt.chat_text(row["messages"], v))
+    if "question" in row and "answer" in row:  # GSM8K-style rows
+      return dict(text=_gsm8k_chat(row, v, rid))
+    return dict(text=src_lib.decode_text(row.get("text", row.get("content")), rid), plain=True)
+  if ctx.task == "t2i":
+    return dict(text=src_lib.decode_text(row.get("caption", row.get("text", row.get("txt"))), rid, "caption"),
+                image=image, codes=row.get("image_codes"))
+  if "conversations" in row:
+    text = tt.chat_text(_chat_messages(row["conversations"], rid), v)
+  elif "question" in row:
+    text = tt.mmu_text(src_lib.decode_text(row["question"], rid, "question"), _s(row.get("answer", "")), v,
+                       literal_eot=ctx.mmu_literal_eot)
+  else:
+    caption = src_lib.decode_text(row.get("caption", row.get("text", row.get("txt"))), rid, "caption")
+    text = tt.mmu_text(CAPTION_PROMPT, caption, v, literal_eot=ctx.mmu_literal_eot)
+  return dict(text=text, image=image, codes=row.get("image_codes"))
+
+
+def _gsm8k_chat(row: dict, vocab, rid: str) -> str:
+  question = src_lib.decode_text(row["question"], rid, "question")
+  reasoning, final = src_lib.gsm8k_parts(src_lib.decode_text(row["answer"], rid, "answer"), rid)
+  return tt.chat_text([{"role": "user", "content": tt.COT_SYSTEM_PROMPT + question},
+                       {"role": "assistant", "content": tt.cot_answer(reasoning, final, vocab)}], vocab)
+
+
+def _wds_row(raw: dict, rid: str) -> dict:
+  row = src_lib.parse_json(raw["json"], rid) if "json" in raw else {}
+  image = next((raw[e] for e in ("jpg", "jpeg", "png", "webp", "bmp") if e in raw), None)
+  if image is not None:
+    row["image"] = image
+  for ext in ("txt", "caption"):
+    if ext in raw:
+      row["caption"] = src_lib.decode_text(raw[ext], rid, ext)
+  return row
+
+
+def _to_example(raw: dict, ctx: Context) -> dict:
+  rid = str(_s(raw.get("id", "?")))
+  if ctx.kind == "toyworld" or (ctx.kind == "tfds" and "draw_prompt" in raw):
+    ex = _toyworld_example(raw, ctx)
+  elif ctx.kind in ("jsonl", "gsm8k"):
+    row = src_lib.parse_json(raw["raw"], rid)
+    ex = _row_example(dict(row, dir=raw["dir"]), ctx, rid)
+  elif ctx.kind in ("parquet", "list"):
+    ex = _row_example(raw, ctx, rid)
+  elif ctx.kind == "images":
+    caption = _read_caption(raw["caption_path"], rid)
+    ex = _row_example({"caption": caption, "image": raw["image_path"]}, ctx, rid)
+  elif ctx.kind == "wds":
+    ex = _row_example(_wds_row(raw, rid), ctx, rid)
+  elif ctx.kind == "llava":
+    item = raw["item"]
+    if not isinstance(item, dict) or "image" not in item:
+      raise src_lib.BadRecordError(rid, "missing image", "LLaVA sample without 'image'")
+    ex = _row_example({"conversations": item.get("conversations", []), "image": item["image"], "dir": raw["dir"]},
+                      ctx, rid)
+  elif ctx.kind == "tfds":
+    caption = _s(raw.get("label_name", raw.get("caption", raw.get("text"))))
+    if isinstance(caption, str):
+      caption = caption.replace("_", " ")
+    ex = _row_example({"caption": caption, "image": raw.get("image"), "image_codes": raw.get("image_codes")}, ctx, rid)
+  else:
+    raise ValueError(f"unknown source kind {ctx.kind!r}")
+  ex["id"] = rid
+  return ex
+
+
+def _read_caption(path: str, rid: str) -> str:
+  try:
+    with open(path, "rb") as fh:
+      return src_lib.decode_text(fh.read(), rid, os.path.basename(path))
+  except FileNotFoundError as e:
+    raise src_lib.BadRecordError(rid, "missing caption", path) from e
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Example -> layout
+
+
+def _image_codes(ex: dict, ctx: Context, notes: list[str]) -> np.ndarray:
+  n = ctx.prompter.num_image_tokens
+  if ex.get("codes") is not None:
+    codes = np.asarray(ex["codes"]).astype(np.int64).reshape(-1)
+  else:
+    if ctx.image_encoder is None:
+      raise ValueError(f"{ctx.task} source '{ctx.kind}' yields pixels and no image_encoder was given: pass one "
+                       f"(MAGVIT-v2 encode) or prepare records with 'image_codes' (DESIGN.md Decision 8)")
+    image = src_lib.decode_image(ex["image"], ex["id"], ctx.resolution, notes)
+    codes = np.asarray(ctx.image_encoder(image)).reshape(-1)
+  if codes.shape != (n,) or codes.min() < 0 or codes.max() >= ctx.prompter.vocab.codebook_size:
+    raise src_lib.BadRecordError(ex["id"], "bad image codes",
+                                 f"expected {n} codes in [0, {ctx.prompter.vocab.codebook_size}), got shape "
+                                 f"{codes.shape}")
+  return codes
+
+
+def _text_window(text: str, ctx: Context, rng: np.random.Generator) -> str:
+  """Pre-training text as the official RefinedWeb loader cuts it: newlines removed, a random window (§4.6)."""
+  text = text.replace("\n", "")
+  limit = ctx.lm_max_chars
+  if limit and len(text) > limit:
+    start = int(rng.integers(0, len(text) - limit))
+    text = text[start:start + limit]
+  return text
+
+
+def _layout(ex: dict, ctx: Context, rng: np.random.Generator, notes: list[str]) -> dict[str, np.ndarray]:
+  p = ctx.prompter
+  if ctx.task == "lm":
+    text = _text_window(ex["text"], ctx, rng) if ex.get("plain") else ex["text"]
+    ids = ctx.tokenizer.encode(text)
+    if not ex.get("plain") and len(ids) + 2 > p.seq_len:  # official chat loaders drop over-long conversations
+      raise src_lib.BadRecordError(ex["id"], "too long", f"{len(ids)} tokens > {p.seq_len - 2}")
+    return p.lm_chat(ids)
+  ids = ctx.tokenizer.encode(ex["text"])
+  codes = _image_codes(ex, ctx, notes)
+  if ctx.task == "mmu":
+    return p.mmu(codes, ids)
+  if ctx.drop_long_captions and len(ids) > p.max_text_len:
+    raise src_lib.BadRecordError(ex["id"], "too long", f"caption of {len(ids)} tokens > S={p.max_text_len}")
+  return p.t2i(ids, codes, drop_condition=prompting.draw_cond_dropout(rng, ctx.cond_dropout_prob))
+
+
+def transform(raw: dict, rng: np.random.Generator, ctx: Context) -> dict | Bad:
+  """Raw record -> layout dict (plus `_id`, `_notes`), or `Bad` (strict mode: raises BadRecordError)."""
+  notes: list[str] = []
+  try:
+    ex = _to_example(raw, ctx)
+    out = _layout(ex, ctx, rng, notes)
+  except src_lib.BadRecordError as e:
+    if ctx.strict:
+      raise
+    return Bad(e.record_id, e.reason)
+  out["_notes"] = notes
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Skipping bad records, with counters that live in the iterator state
+
+
+class SkipBadIterDataset(grain.IterDataset):
+  """Drops `Bad` elements, counting them by reason; raises when `limit` consecutive records are all bad."""
+
+  def __init__(self, parent: grain.IterDataset, name: str, limit: int):
+    super().__init__(parent)
+    self.name, self.limit = name, limit
+
+  def __iter__(self) -> "_SkipBadIterator":
+    return _SkipBadIterator(self._parent.__iter__(), self.name, self.limit)
+
+
+class _SkipBadIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator, name: str, limit: int):
+    super().__init__(parent)
+    self.name, self.limit = name, limit
+    self.counts: Counter = Counter()
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    for _ in range(self.limit):
+      element = next(self._parent)
+      if isinstance(element, Bad):
+        self.counts[f"skipped/{element.reason}"] += 1
+        continue
+      for note in element.pop("_notes", ()):
+        self.counts[note] += 1
+      self.counts["records"] += 1
+      return element
+    raise src_lib.EmptyDataError(f"source {self.name}: {self.limit} consecutive records were all bad "
+                                 f"({dict(self.counts)}); nothing usable")
+
+  def get_state(self) -> dict:
+    return {"parent": self._parent.get_state(), "counts": dict(self.counts)}
+
+  def set_state(self, state: dict) -> None:
+    self._parent.set_state(state["parent"])
+    self.counts = Counter(state["counts"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sources from specs, per-source chains, mixtures
+
+
+def open_source(spec: str, task: str, config, split: str = "train"):
+  """(source, kind, variant) for a spec string such as "toyworld:chat" or "jsonl:/data/*.jsonl" (see sources.py)."""
+  kind, _, arg = spec.partition(":")
+  if kind == "toyworld":
+    variant = arg or TOYWORLD_VARIANTS[task][0]
+    if variant not in TOYWORLD_VARIANTS[task]:
+      raise ValueError(f"source {spec!r}: ToyWorld variant for {task} must be one of {TOYWORLD_VARIANTS[task]}")
+    count = int(config.data.toyworld[f"num_{split}"])
+    return tw.ToyWorldSource(tw.ToyWorld.from_config(config), split, count), kind, variant
+  if not arg:
+    raise ValueError(f"source spec {spec!r} needs an argument after '{kind}:'")
+  if kind == "tfds":
+    name, _, rest = arg.partition(":")
+    tsplit, _, labels = rest.partition(":")
+    return src_lib.TfdsSource(name, tsplit or split, config.data.data_dir or None, labels or None), kind, ""
+  if kind in ("jsonl", "gsm8k"):
+    return src_lib.JsonlSource(arg), kind, ""
+  if kind == "parquet":
+    return src_lib.ParquetSource(arg), kind, ""
+  if kind == "images":
+    return src_lib.ImageFolderSource(arg), kind, ""
+  if kind == "wds":
+    return src_lib.WebDatasetSource(arg), kind, ""
+  if kind == "llava":
+    path, _, root = arg.partition(":")
+    return src_lib.LlavaSource(path, root or None), kind, ""
+  raise ValueError(f"unknown source kind {kind!r} in {spec!r}; expected toyworld, tfds, jsonl, gsm8k, parquet, "
+                   f"images, wds or llava")
+
+
+def source_dataset(source, ctx: Context, *, name: str, seed: int, batch_size: int, process_index: int,
+                   process_count: int, shuffle: bool, read_options: grain.ReadOptions | None) -> grain.IterDataset:
+  """The chain of one source: batches `{key: [batch_size, L]}` of this host's share of the records."""
+  if len(source) == 0:
+    raise src_lib.EmptyDataError(f"source {name} has no records")
+  ds = grain.MapDataset.source(source)
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(None)
+  # Per-record randomness is seeded by the global position, before host slicing (identical whatever the host count).
+  ds = ds.random_map(functools.partial(transform, ctx=ctx), seed=seed)
+  ds = ds[process_index::process_count]
+  it = SkipBadIterDataset(ds.to_iter_dataset(read_options), name, limit=len(source) // process_count + 1)
+  return it.batch(batch_size, drop_remainder=True, batch_fn=prompting.stack)
+
+
+def _find_counts(state: Any) -> dict:
+  """The SkipBad counters inside a (nested) grain iterator state."""
+  if isinstance(state, dict):
+    if "counts" in state and "parent" in state:
+      return state["counts"]
+    for value in state.values():
+      found = _find_counts(value)
+      if found is not None:
+        return found
+  return None
+
+
+class TaskIterator:
+  """Batches of one task; with several sources, each step's batch comes from one source drawn by weight."""
+
+  def __init__(self, task: str, names: Sequence[str], datasets: Sequence[grain.IterDataset], weights: Sequence[float],
+               seed: int):
+    if len(names) != len(weights) or not names:
+      raise ValueError(f"data.{task}_sources and data.{task}_weights must be non-empty and of equal length")
+    w = np.asarray(weights, np.float64)
+    if (w < 0).any() or w.sum() <= 0:
+      raise ValueError(f"data.{task}_weights must be >= 0 with a positive sum, got {tuple(weights)}")
+    self.task, self.names, self.probs, self.seed = task, list(names), w / w.sum(), seed
+    self.iters = [iter(d) for d in datasets]
+    self.step = 0
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    k = 0
+    if len(self.iters) > 1:
+      k = int(np.random.default_rng([self.seed, TASKS.index(self.task), self.step]).choice(len(self.iters),
+                                                                                         p=self.probs))
+    batch = next(self.iters[k])
+    self.step += 1
+    return batch
+
+  def get_state(self) -> dict:
+    return {"step": self.step, "sources": {n: it.get_state() for n, it in zip(self.names, self.iters)}}
+
+  def set_state(self, state: dict) -> None:
+    if sorted(state["sources"]) != sorted(self.names):
+      raise ValueError(f"data state of task {self.task} has sources {sorted(state['sources'])}, the config has "
+                       f"{sorted(self.names)}")
+    self.step = int(state["step"])
+    for n, it in zip(self.names, self.iters):
+      it.set_state(state["sources"][n])
+
+  def statistics(self) -> dict[str, dict]:
+    return {n: dict(_find_counts(it.get_state()) or {}) for n, it in zip(self.names, self.iters)}
+
+
+class MixedBatchIterator:
+  """Yields `{"t2i": batch, "lm": batch, "mmu": batch}` (tasks with zero rows are left out) — the official step."""
+
+  def __init__(self, tasks: dict[str, TaskIterator]):
+    self.tasks = tasks
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, dict[str, np.ndarray]]:
+    return {t: next(it) for t, it in self.tasks.items()}
+
+  def get_state(self) -> dict:
+    """JSON-serialisable position (and skip counters) of every source."""
+    return {t: it.get_state() for t, it in self.tasks.items()}
+
+  def set_state(self, state: dict) -> None:
+    if sorted(state) != sorted(self.tasks):
+      raise ValueError(f"data state has tasks {sorted(state)}, this pipeline has {sorted(self.tasks)}")
+    for t, it in self.tasks.items():
+      it.set_state(state[t])
+
+  def statistics(self) -> dict[str, dict[str, dict]]:
+    """`{task: {source: {"records": n, "skipped/<reason>": n, "converted/<what>": n}}}` on this host."""
+    return {t: it.statistics() for t, it in self.tasks.items()}
+
+
+def _source_seed(seed: int, task: str, k: int) -> int:
+  return int(np.random.SeedSequence([seed, TASKS.index(task), k]).generate_state(1)[0])
+
+
+def make_context(config, task: str, kind: str, variant: str, tokenizer: tt.TextTokenizer,
+                 image_encoder: ImageEncoder | None) -> Context:
+  d = config.data
+  return Context(task=task, kind=kind, variant=variant, prompter=prompting.Prompter.from_config(config),
+                 tokenizer=tokenizer, image_encoder=image_encoder, resolution=int(config.magvit.resolution),
+                 cond_dropout_prob=float(d.cond_dropout_prob), mmu_literal_eot=bool(d.mmu_literal_eot),
+                 lm_max_chars=int(d.lm_max_chars), drop_long_captions=bool(d.drop_long_captions),
+                 strict=bool(d.strict))
+
+
+def build_iterator(config, tokenizer: tt.TextTokenizer, image_encoder: ImageEncoder | None = None,
+                   split: str = "train", process_index: int | None = None, process_count: int | None = None,
+                   read_options: grain.ReadOptions | None = None) -> MixedBatchIterator:
+  """The training data of a config: per step `data.batch_size_<task> / process_count` rows of each task on this host.
+
+  Args:
+    tokenizer: the text tokenizer (its vocab must be the config's).
+    image_encoder: `[H, W, 3]` uint8 -> `[N]` codes, for sources that yield pixels (ToyWorld, image files); records
+      with `image_codes` need none.
+    process_index, process_count: this host and the number of hosts (default: from JAX).
+    read_options: grain read threads / prefetch (default: `data.read_threads`, `data.prefetch_buffer`).
+  """
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=import-outside-toplevel
+    process_index, process_count = jax.process_index(), jax.process_count()
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} outside [0, {process_count})")
+  d = config.data
+  if tokenizer.vocab != prompting.Prompter.from_config(config).vocab:
+    raise ValueError("the tokenizer was built for another vocabulary than config.vocab")
+  read_options = read_options or grain.ReadOptions(num_threads=int(d.read_threads),
+                                                   prefetch_buffer_size=int(d.prefetch_buffer))
+  tasks = {}
+  for task in TASKS:
+    rows = int(d[f"batch_size_{task}"])
+    if rows == 0:
+      continue
+    if rows % process_count:
+      raise ValueError(f"data.batch_size_{task}={rows} is not divisible by the {process_count} hosts")
+    names, datasets = [], []
+    for k, spec in enumerate(d[f"{task}_sources"]):
+      source, kind, variant = open_source(spec, task, config, split)
+      ctx = make_context(config, task, kind, variant, tokenizer, image_encoder)
+      names.append(f"{k}:{spec}")
+      datasets.append(source_dataset(source, ctx, name=f"{task}/{spec}", seed=_source_seed(config.seed, task, k),
+                                     batch_size=rows // process_count, process_index=process_index,
+                                     process_count=process_count, shuffle=bool(d.shuffle), read_options=read_options))
+    tasks[task] = TaskIterator(task, names, datasets, d[f"{task}_weights"], int(config.seed))
+  if not tasks:
+    raise ValueError("every data.batch_size_<task> is 0: nothing to train on")
+  return MixedBatchIterator(tasks)

@@ -1,0 +1,150 @@
+"""ToyWorld: determinism, internal consistency of every task, and the checkers' accuracy (truth vs blank/noise)."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from mmada_jax import config as config_lib
+from mmada_jax.data import toyworld as tw
+from mmada_jax.data import toyworld_checkers as ck
+
+WORLD = tw.ToyWorld(image_size=64, grid=3, max_objects=4, seed=0)
+
+
+def test_deterministic_per_seed_and_fixed_test_split():
+  a, b = WORLD.example("train", 7), WORLD.example("train", 7)
+  np.testing.assert_array_equal(a["image"], b["image"])
+  assert {k: v for k, v in a.items() if k not in ("image", "objects")} == \
+         {k: v for k, v in b.items() if k not in ("image", "objects")}
+  other = tw.ToyWorld(seed=1)
+  diffs = sum(not np.array_equal(WORLD.example("train", i)["image"], other.example("train", i)["image"])
+              for i in range(10))
+  assert diffs >= 9
+  for i in range(5):  # the held-out test split ignores the training seed
+    np.testing.assert_array_equal(WORLD.example("test", i)["image"], other.example("test", i)["image"])
+  assert WORLD.example("train", 3)["id"] == "toyworld/train/3"
+  assert a["image"].shape == (64, 64, 3) and a["image"].dtype == np.uint8
+  assert a["objects"].shape == (4, 3) and (a["objects"][a["num_objects"]:] == -1).all()
+
+
+def test_from_config_and_bad_sizes():
+  cfg = config_lib.get_base_config()
+  assert tw.ToyWorld.from_config(cfg) == tw.ToyWorld(image_size=64, grid=3, max_objects=4, seed=0)
+  with pytest.raises(ValueError, match="grid=2 below 48 px"):
+    tw.ToyWorld(image_size=32, grid=3)
+  with pytest.raises(ValueError, match="max_objects"):
+    tw.ToyWorld(image_size=32, grid=2, max_objects=5)
+  with pytest.raises(ValueError, match="unknown ToyWorld split"):
+    WORLD.example("dev", 0)
+
+
+def _expected_answer(record):
+  objs = tw.objects_of(record)
+  q, kind = record["question"], record["question_kind"]
+  word = re.findall(r"\w+", q)
+  if kind == "count_shape":
+    return str(sum(tw.plural(o.shape, 2) == word[2] for o in objs))
+  if kind == "count_colour":
+    return str(sum(tw.COLOURS[o.colour] == word[2] for o in objs))
+  if kind == "count_all":
+    return str(len(objs))
+  if kind == "exists":
+    return "yes" if any(f"{tw.COLOURS[o.colour]} {tw.SHAPES[o.shape]}" in q for o in objs) else "no"
+  if kind == "colour_of":
+    return next(tw.COLOURS[o.colour] for o in objs if tw.SHAPES[o.shape] == word[-1])
+  if kind == "shape_of":
+    return next(tw.SHAPES[o.shape] for o in objs if tw.COLOURS[o.colour] == word[-2])
+  if kind == "where":
+    return next(tw.POSITIONS[3][o.cell] for o in objs if f"{tw.COLOURS[o.colour]} {tw.SHAPES[o.shape]}" in q)
+  return tw.caption(objs, 3)
+
+
+def test_every_task_is_consistent_with_the_scene():
+  kinds, draws = set(), set()
+  for i in range(300):
+    r = WORLD.example("train", i, render_image=False)
+    kinds.add(r["question_kind"])
+    draws.add(r["draw_kind"])
+    assert r["answer"] == _expected_answer(r), r
+    lhs, rhs = r["problem_reasoning"].split("=")
+    assert eval(lhs) == int(rhs) == int(r["problem_answer"])  # noqa: S307 (digits and + - * only)
+    if r["draw_kind"] == "reason":
+      expr = re.search(r"as (\S+)$", r["draw_prompt"]).group(1)
+      assert eval(expr) == r["target_count"] == r["num_objects"]  # noqa: S307
+      assert r["draw_reasoning"].startswith(f"{expr}={r['target_count']}")
+    if r["draw_kind"] != "describe":
+      assert all(o.colour == r["target_colour"] and o.shape == r["target_shape"] for o in tw.objects_of(r))
+  assert kinds == set(tw.QUESTION_KINDS) and draws == set(tw.DRAW_KINDS)
+
+
+@pytest.mark.parametrize("size,grid", [(64, 3), (32, 2)])
+def test_checker_accuracy_on_truth_and_on_blank_or_noise(size, grid):
+  world = tw.ToyWorld(image_size=size, grid=grid, max_objects=min(4, grid * grid))
+  truth = ck.measure_accuracy(world, "test", 150, "truth")
+  assert truth["draw"] >= 0.99 and truth["scene"] >= 0.99, truth
+  for attr in ("count", "position", "colour", "shape"):
+    assert truth[attr] >= 0.99, truth
+  for kind in ("blank", "noise"):
+    fooled = ck.measure_accuracy(world, "test", 40, kind)
+    assert fooled["draw"] == 0 and fooled["scene"] == 0, (kind, fooled)
+  # Another record's image passes only by coincidence (a count prompt drawn twice): at most chance level.
+  assert ck.measure_accuracy(world, "test", 100, "shuffled")["draw"] <= 0.03
+
+
+def test_checker_tolerates_pixel_noise_and_float_images():
+  rng = np.random.default_rng(0)
+  ok = 0
+  for i in range(60):
+    r = WORLD.example("validation", i)
+    noisy = np.clip(r["image"] + rng.normal(0, 12, r["image"].shape), 0, 255).astype(np.uint8)
+    ok += ck.check_draw(noisy, r) and ck.check_draw(r["image"] / 255.0, r)
+  assert ok >= 59
+  with pytest.raises(ValueError, match="square RGB image"):
+    ck.detect(np.zeros((8, 8)))
+
+
+def test_check_rejects_wrong_images():
+  r = next(WORLD.example("test", i) for i in range(100) if WORLD.example("test", i, False)["draw_kind"] == "count")
+  objs = tw.objects_of(r)
+  # Wrong colour, wrong shape, one object too many.
+  recolour = [tw.Obj(o.shape, (o.colour + 1) % 6, o.cell) for o in objs]
+  reshape = [tw.Obj((o.shape + 1) % 3, o.colour, o.cell) for o in objs]
+  free = next(c for c in range(9) if c not in {o.cell for o in objs})
+  extra = objs + [tw.Obj(objs[0].shape, objs[0].colour, free)]
+  for wrong in (recolour, reshape, extra):
+    image = tw.render(wrong, 64, 3, np.random.default_rng(1))
+    assert not ck.check_draw(image, r)
+  assert ck.check_draw(tw.render(objs, 64, 3, np.random.default_rng(2)), r)  # the same scene, redrawn
+  whole = np.zeros((64, 64, 3), np.uint8)
+  whole[:] = tw.PALETTE[objs[0].colour]
+  assert ck.detect(whole) == []  # a full-image fill is not a shape
+
+
+def test_text_answer_checker():
+  assert ck.check_answer("<think>3+4=7</think>7", "7", require_think=True)
+  assert ck.check_answer("<think>3+4=7</think> 7.", "7")
+  assert not ck.check_answer("<think>3+4=7</think>8", "7")
+  assert not ck.check_answer("7", "7", require_think=True)
+  assert not ck.check_answer("<think>7</think>17", "7")
+  assert not ck.check_answer("<think>x</think>7 or 8", "7")
+  assert ck.check_answer("Three", "3") and ck.check_answer("top left", "top left")
+  assert not ck.check_answer("top", "top left")
+  assert ck.check_answer("Red.", "red")
+
+
+def test_command_line_build_and_check(tmp_path, capsys):
+  from mmada_jax.data import toyworld_tfds
+
+  args = ["build", f"--data_dir={tmp_path}", "--config.data.toyworld.num_train=4",
+          "--config.data.toyworld.num_validation=1", "--config.data.toyworld.num_test=2"]
+  assert toyworld_tfds.main_toyworld(args) == 0
+  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert out["splits"] == {"train": 4, "validation": 1, "test": 2}
+  assert out["source"] == "tfds:toy_world/s64_g3_m4_seed0_4_1_2"
+  assert toyworld_tfds.main_toyworld(["check", "--count=5", "--config.data.toyworld.image_size=32",
+                                      "--config.data.toyworld.grid=2"]) == 0
+  lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+  assert [x["images"] for x in lines] == ["truth", "blank", "noise", "shuffled"]
+  assert lines[0]["draw"] == 1.0 and lines[1]["draw"] == lines[2]["draw"] == 0.0
