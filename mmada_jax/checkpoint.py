@@ -118,3 +118,50 @@ def load_params(path: str, *, expected: Mapping[str, Any] | None = None, shardin
   restored = _checkpointer().restore(path, args=ocp.args.Composite(
       params=ocp.args.PyTreeRestore(restore_args=restore_args)))
   return restored["params"], meta
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training checkpoints: train state + data iterator state + resolved config, one Orbax CheckpointManager per run.
+
+
+class TrainCheckpointer:
+  """WORKDIR/checkpoints/<step>/{state, data, config}; async saves, keep-last-N plus keep-every-K.
+
+  Restoring takes an abstract state whose leaves carry the *current* shardings, so a run saved under one sharding
+  preset or mesh resumes under another.
+  """
+
+  def __init__(self, directory: str, ckpt_config):
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=int(ckpt_config.keep), keep_period=int(ckpt_config.keep_period) or None,
+        enable_async_checkpointing=bool(ckpt_config.async_save), create=True)
+    self.directory = os.path.abspath(directory)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+        "state": ocp.PyTreeCheckpointHandler(use_compression=False),
+        "data": ocp.JsonCheckpointHandler(), "config": ocp.JsonCheckpointHandler()})
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state: Any, data_state: Mapping | None, config_dict: Mapping, force: bool = False) -> bool:
+    args = {"state": ocp.args.PyTreeSave(state), "config": ocp.args.JsonSave(dict(config_dict)),
+            "data": ocp.args.JsonSave(dict(data_state or {}))}
+    return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
+    """(state placed on the shardings of `abstract_state`, data iterator state, saved config)."""
+    restore_args = jax.tree.map(
+        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), abstract_state)
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args),
+        data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
+    return out["state"], out["data"], out["config"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()

@@ -1,0 +1,63 @@
+"""Analytic FLOP counts and peak device throughput for MFU estimates.
+
+Convention (stated because MFU figures are not comparable otherwise): a multiply-add is 2 FLOPs; attention is
+bidirectional and counted in full, 4·L²·d per layer per sequence forward (QKᵀ and AV); the LM head is counted at the
+positions where it is evaluated; a training step is 3× the forward (forward + 2× for the backward).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+# Dense bf16 peak per chip / GPU (vendor data sheets), TFLOP/s.
+PEAK_TFLOPS = {
+    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0, "TPU v6 lite": 918.0,
+    "TPU v6e": 918.0, "NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100": 312.0,
+}
+
+
+def forward_flops(model_config, length: int, head_positions: int) -> float:
+  """FLOPs of one forward pass over one sequence of `length` tokens with the head at `head_positions` positions."""
+  from mmada_jax.config import head_dim
+
+  m = model_config
+  hd = head_dim(m)
+  attn_proj = 2 * m.d_model * hd * (2 * m.num_heads + 2 * m.num_kv_heads)  # q, out: heads; k, v: kv heads
+  mlp = 2 * 3 * m.d_model * m.mlp_hidden
+  per_token = m.num_layers * (attn_proj + mlp)
+  attention = m.num_layers * 4 * length * length * m.num_heads * hd
+  head = 2 * m.d_model * m.vocab_size * head_positions
+  return float(per_token * length + attention + head)
+
+
+def train_step_flops(model_config, rows: int, length: int, head_positions_per_row: int) -> float:
+  return 3.0 * rows * forward_flops(model_config, length, head_positions_per_row)
+
+
+def peak_flops_per_device(override_tflops: float = 0.0) -> float | None:
+  """Peak FLOP/s of one device: the override, the data sheet of the device kind, or a measured matmul on CPU."""
+  if override_tflops > 0:
+    return override_tflops * 1e12
+  dev = jax.devices()[0]
+  for name, tflops in PEAK_TFLOPS.items():
+    if dev.device_kind.startswith(name):
+      return tflops * 1e12
+  if dev.platform == "cpu":
+    return measure_matmul_flops()
+  return None
+
+
+def measure_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+  """Best fp32 matmul throughput of the default device (FLOP/s), as a practical CPU peak."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2.0 * n ** 3 / best

@@ -1,0 +1,102 @@
+"""The jitted masked-denoising train step: `(state, batch) -> (state, metrics)`.
+
+Per step (Decisions 5 and 6):
+  1. corrupt the whole global batch on device from `fold_in(seed key, step)` and per-example ids, so the masks do not
+     depend on sharding or on the number of micro-batches;
+  2. the loss denominators of each task (they depend on the masks only) for the whole batch;
+  3. `lax.scan` over micro-batches accumulating gradients of Σ_task coeff · numerator / denominator — dividing once by the
+     whole batch's denominators makes 4 × ¼-batch equal one full batch;
+  4. clip + AdamW update.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Protocol
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mmada_jax.train.state import TrainState
+
+Batch = Mapping[str, Mapping[str, jax.Array]]  # task -> {name: [rows, ...]}
+
+
+class LossHooks(Protocol):
+  """What the train step needs from the diffusion objective."""
+
+  def corrupt(self, batch: Batch, key: jax.Array) -> Batch:
+    """Noisy inputs, targets and weights for every task, from clean layouts; masks from fold_in(key, example_id)."""
+
+  def denominators(self, corrupted: Batch) -> dict[str, jax.Array]:
+    """Per-task loss denominators of a (whole) corrupted batch."""
+
+  def numerators(self, params: Any, corrupted: Batch) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """Per-task loss numerators of a micro-batch, and additive metrics (e.g. masked-token counts)."""
+
+
+def add_example_ids(batch: Batch) -> dict:
+  """Gives every row its index in the global batch (per task) unless the data already carries `example_id`."""
+  out = {}
+  for task, arrays in batch.items():
+    arrays = dict(arrays)
+    if "example_id" not in arrays:
+      rows = next(iter(arrays.values())).shape[0]
+      arrays["example_id"] = jnp.arange(rows, dtype=jnp.int32)
+    out[task] = arrays
+  return out
+
+
+def split_micro(batch: Batch, n: int) -> dict:
+  """[rows, ...] -> [n, rows / n, ...] for every array (rows of each task split into n equal consecutive parts)."""
+  return {t: {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in arrays.items()} for t, arrays in batch.items()}
+
+
+def make_train_step(hooks: LossHooks, tx: optax.GradientTransformation, coefficients: Mapping[str, float],
+                    micro_batches: int, seed: int, lr_schedule: Callable | None = None) -> Callable:
+  """The pure step function (jit it with shardings and donation, see `jit_train_step`)."""
+  coeffs = dict(coefficients)
+
+  def train_step(state: TrainState, batch: Batch):
+    key = jax.random.fold_in(jax.random.key(seed), state.step)
+    corrupted = hooks.corrupt(add_example_ids(batch), key)
+    dens = {t: jnp.maximum(d.astype(jnp.float32), 1e-9) for t, d in hooks.denominators(corrupted).items()}
+
+    def micro_loss(params, micro):
+      nums, aux = hooks.numerators(params, micro)
+      loss = sum(coeffs[t] * nums[t] / dens[t] for t in nums)
+      return loss, (nums, aux)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    if micro_batches == 1:
+      (loss, (nums, aux)), grads = grad_fn(state.params, corrupted)
+    else:
+      def body(carry, micro):
+        g_acc, l_acc, n_acc, a_acc = carry
+        (l, (n, a)), g = grad_fn(state.params, micro)
+        add = lambda x, y: jax.tree.map(jnp.add, x, y)
+        return (add(g_acc, g), l_acc + l, add(n_acc, n), add(a_acc, a)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      first = split_micro(corrupted, micro_batches)
+      n0, a0 = jax.eval_shape(lambda: hooks.numerators(state.params, jax.tree.map(lambda x: x[0], first)))
+      z = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)
+      (grads, loss, nums, aux), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32), z(n0), z(a0)), first)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
+    metrics.update({f"loss_{t}": nums[t] / dens[t] for t in nums})
+    metrics.update(aux)
+    if lr_schedule is not None:
+      metrics["learning_rate"] = lr_schedule(state.step)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def jit_train_step(step_fn: Callable, state_shardings: TrainState, batch_shardings: Any) -> Callable:
+  """jit with explicit in/out shardings; the state is donated (updated in place)."""
+  return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None),
+                 donate_argnums=0)
