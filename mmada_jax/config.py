@@ -10,6 +10,8 @@ Sections:
   sharding    mesh axes, preset and rule overrides
   magvit      the MAGVIT-v2 image tokenizer
   data        data sources, sequence layouts, batch composition
+  optimizer   AdamW, clipping, learning-rate schedule
+  train       the training loop (steps, gradient accumulation, logging, initialisation)
   checkpoint  where/how checkpoints are written
 """
 
@@ -172,6 +174,8 @@ def data_section() -> ConfigDict:
   d.prefetch_buffer = 64  # records decoded ahead per source
   d.tokenizer_dir = ""  # directory with tokenizer.json (official LLaDA/MMaDA files); "" = the ToyWorld tokenizer
   d.data_dir = ""  # where built data sets (ToyWorld ArrayRecord) live; "" = ~/.cache/mmada_jax
+  d.image_tokenizer = ""  # MAGVIT-v2 parameter checkpoint that encodes images met in the data ("" = sources must
+  #                         carry pre-computed image codes)
   # ToyWorld, the built-in data set (mmada_jax/data/toyworld.py).
   d.toyworld = ConfigDict()
   d.toyworld.image_size = 64  # pixels per side of the RGB images
@@ -183,10 +187,43 @@ def data_section() -> ConfigDict:
   return d
 
 
+def optimizer_section() -> ConfigDict:
+  """AdamW + warm-up/cosine schedule; official defaults (specs/mmada-official.md §4.4)."""
+  o = ConfigDict()
+  o.learning_rate = 1e-4  # peak
+  o.schedule = "cosine"  # "cosine", "linear" or "constant" after the warm-up
+  o.warmup_steps = 5000
+  o.decay_steps = 500000  # step at which the decay reaches min_lr_scale (official max_train_steps)
+  o.min_lr_scale = 0.0  # floor of the decay as a fraction of the peak (the official code ignores its 0.1)
+  o.b1 = 0.9
+  o.b2 = 0.999
+  o.eps = 1e-8
+  o.weight_decay = 0.01  # applied to every parameter, as the official no-decay filter matches nothing
+  o.grad_clip = 1.0  # global-norm clipping; 0 = off
+  o.mu_dtype = "float32"  # dtype of Adam's first moment ("bfloat16" halves it)
+  return o
+
+
+def train_section() -> ConfigDict:
+  """The training loop."""
+  t = ConfigDict()
+  t.steps = 1000  # total optimizer steps of the run
+  t.micro_batches = 1  # gradient accumulation: the global batch is split into this many sequential micro-batches
+  t.log_every = 10  # steps between metric lines (JSONL, TensorBoard, progress bar)
+  t.eval_every = 0  # steps between held-out loss evaluations (0 = only at the end)
+  t.eval_batches = 4  # held-out batches per evaluation
+  t.init_from = ""  # parameter checkpoint (converted official weights or another run) to start from
+  t.tensorboard = True  # write TensorBoard event files to WORKDIR/tensorboard (needs tensorboardX)
+  t.peak_tflops = 0.0  # per-device peak for the MFU estimate; 0 = from the device kind's data sheet / a CPU measurement
+  return t
+
+
 def checkpoint_section() -> ConfigDict:
+  """Orbax checkpoints of the train state, data iterator and config in WORKDIR/checkpoints."""
   c = ConfigDict()
   c.save_every_steps = 1000
-  c.keep = 3
+  c.keep = 3  # most recent checkpoints kept
+  c.keep_period = 0  # additionally keep every checkpoint whose step is a multiple of this (0 = none)
   c.async_save = True
   return c
 
@@ -201,6 +238,8 @@ def get_base_config() -> ConfigDict:
   config.sharding = sharding_section()
   config.magvit = magvit_section()
   config.data = data_section()
+  config.optimizer = optimizer_section()
+  config.train = train_section()
   config.checkpoint = checkpoint_section()
   return config
 
@@ -338,10 +377,34 @@ def _validate_data(d: ConfigDict, vocab: ConfigDict, errors: list[str]) -> None:
              f"must be an integer >= 0, got {t[key]!r}", errors)
 
 
+def _validate_train(config: ConfigDict, errors: list[str]) -> None:
+  o, t, c = config.optimizer, config.train, config.checkpoint
+  _require(o.learning_rate > 0, "optimizer.learning_rate", f"must be positive, got {o.learning_rate}", errors)
+  _require(o.schedule in ("cosine", "linear", "constant"), "optimizer.schedule",
+           f"must be 'cosine', 'linear' or 'constant', got {o.schedule!r}", errors)
+  _require(o.warmup_steps >= 0, "optimizer.warmup_steps", f"must be >= 0, got {o.warmup_steps}", errors)
+  _require(o.decay_steps >= o.warmup_steps, "optimizer.decay_steps",
+           f"{o.decay_steps} is before the end of optimizer.warmup_steps={o.warmup_steps}", errors)
+  _require(0.0 <= o.min_lr_scale <= 1.0, "optimizer.min_lr_scale", f"must be in [0, 1], got {o.min_lr_scale}", errors)
+  _require(0.0 <= o.b1 < 1.0 and 0.0 <= o.b2 < 1.0, "optimizer.b1", f"betas must be in [0, 1), got {o.b1}, {o.b2}",
+           errors)
+  _require(o.grad_clip >= 0, "optimizer.grad_clip", f"must be >= 0, got {o.grad_clip}", errors)
+  _require(o.mu_dtype in DTYPES, "optimizer.mu_dtype", f"must be one of {DTYPES}, got {o.mu_dtype!r}", errors)
+  _require(t.steps > 0, "train.steps", f"must be positive, got {t.steps}", errors)
+  _require(t.micro_batches >= 1, "train.micro_batches", f"must be >= 1, got {t.micro_batches}", errors)
+  for task in ("t2i", "lm", "mmu"):
+    rows = config.data.get(f"batch_size_{task}", 0)
+    _require(rows % t.micro_batches == 0, f"data.batch_size_{task}",
+             f"{rows} rows cannot be split into train.micro_batches={t.micro_batches} equal micro-batches", errors)
+  _require(t.log_every > 0, "train.log_every", f"must be positive, got {t.log_every}", errors)
+  _require(c.save_every_steps > 0, "checkpoint.save_every_steps", f"must be positive, got {c.save_every_steps}", errors)
+  _require(c.keep >= 1, "checkpoint.keep", f"must be >= 1, got {c.keep}", errors)
+
+
 def validate(config: ConfigDict) -> ConfigDict:
   """Checks the whole config; raises ConfigError listing every problem with its key. Returns the config."""
   errors: list[str] = []
-  for section in ("model", "vocab", "sharding", "magvit", "data", "checkpoint"):
+  for section in ("model", "vocab", "sharding", "magvit", "data", "optimizer", "train", "checkpoint"):
     if section not in config:
       errors.append(f"{section}: section missing (start experiment files from mmada_jax.config.get_base_config())")
   if errors:
@@ -351,6 +414,7 @@ def validate(config: ConfigDict) -> ConfigDict:
     _validate_vocab(config.vocab, config.model, errors)
   _validate_magvit(config.magvit, config.vocab, errors)
   _validate_data(config.data, config.vocab, errors)
+  _validate_train(config, errors)
   from mmada_jax.parallel import rules  # local import: parallel depends on config, not the reverse
 
   errors.extend(rules.validate_sharding_config(config.sharding))
