@@ -10,9 +10,11 @@ Sections:
   sharding    mesh axes, preset and rule overrides
   magvit      the MAGVIT-v2 image tokenizer
   data        data sources, sequence layouts, batch composition
+  loss        the training objective: on-device corruption, the three losses, their weights, the LM-head strategy
   optimizer   AdamW, clipping, learning-rate schedule
   train       the training loop (steps, gradient accumulation, logging, initialisation)
   checkpoint  where/how checkpoints are written
+  sampling    sampler defaults: text (semi-autoregressive) and text-to-image (MaskGIT)
 """
 
 from __future__ import annotations
@@ -187,6 +189,33 @@ def data_section() -> ConfigDict:
   return d
 
 
+def loss_section() -> ConfigDict:
+  """The masked-denoising objective (mmada_jax/diffusion; specs/mmada-official.md §4.1-§4.5)."""
+  lc = ConfigDict()
+  lc.text_eps = 1e-3  # text masking probability p = (1 - eps) t + eps, t ~ U(0, 1) per row (LLaDA, §4.2)
+  lc.lm_answer_only = True  # lm rows: never mask prompt_mask positions (chat/CoT prompts); plain text has none (§4.2)
+  lc.image_schedule = "cosine"  # image mask ratio r(t): "cosine" cos(pi t/2) (official) or "linear" 1 - t (§4.1)
+  lc.image_min_mask_rate = 0.0  # r = max(r, this) (official min_masking_rate); at least one image token is masked
+  lc.coeff_t2i = 1.0  # stage loss weights (official stage 1.1: 1.0 / 0.1 / 1.0, other stages §4.6)
+  lc.coeff_lm = 0.1
+  lc.coeff_mmu = 1.0
+  # lm normaliser: "tokens" = Σ CE/p ÷ (B·L) (pre-training stages 1.1/1.2), "answer" = Σ CE/p/answer_len ÷ B
+  # (instruction and Mix-CoT stages; a plain-text row has answer_len = L). mmu always uses "answer" (§4.3).
+  lc.lm_normalisation = "tokens"
+  # Attention in the training pass (§4.5, §8.1): "float_bias" = the official additive 0/1 t2i pair bias (masks nothing,
+  # reproduces the official losses), "key_mask" = hard key-padding mask from valid_mask, "pair_mask" = the samplers'
+  # boolean pair mask, "none" = no mask (public code before commit 0ef94ba).
+  lc.attention = "float_bias"
+  # LM head at the loss positions only (never fp32 logits for the whole batch): "gather" (compact the loss positions
+  # of each row group into a buffer; exact fallback to "chunked" when a group overflows), "chunked" (every position,
+  # in chunks), "full" (whole [batch, length, vocab] logits; tests / tiny vocabularies only).
+  lc.head = "gather"
+  lc.head_chunk = 128  # positions per row evaluated at once: live logits ≈ rows x head_chunk x vocab fp32
+  lc.head_capacity = 0.6  # "gather" buffer as a fraction of a group's positions (metric head_overflow counts fallbacks)
+  lc.head_groups = 0  # "gather" row groups (compaction stays inside a group); 0 = the number of devices (one per shard)
+  return lc
+
+
 def optimizer_section() -> ConfigDict:
   """AdamW + warm-up/cosine schedule; official defaults (specs/mmada-official.md §4.4)."""
   o = ConfigDict()
@@ -218,6 +247,27 @@ def train_section() -> ConfigDict:
   return t
 
 
+def sampling_section() -> ConfigDict:
+  """Sampler defaults (mmada_jax/diffusion/sampling_*.py; official demo values, specs/mmada-official.md §5)."""
+  s = ConfigDict()
+  s.text = ConfigDict()
+  s.text.gen_length = 512  # official chat / MMU inference: G = 512, steps 256, block 128 (§5.1)
+  s.text.block_length = 128
+  s.text.steps = 256
+  s.text.temperature = 0.0  # Gumbel temperature of the token proposal (0 = argmax)
+  s.text.cfg_scale = 0.0  # classifier-free guidance s: un + (s + 1)(cond - un)
+  s.text.remasking = "low_confidence"  # or "random"
+  s.text.stop_at_eot = False  # stop after a block ending in vocab.eot_id in every row (official mmu_generate_fast)
+  s.text.threshold = 0.0  # > 0: confidence-threshold parallel decoding (approximate; steps then ignored)
+  s.image = ConfigDict()
+  s.image.timesteps = 15  # official demos: 15 steps, guidance 3.5, T0 = 1, cosine (§5.2)
+  s.image.guidance_scale = 3.5  # (1 + g) cond - g uncond
+  s.image.temperature = 1.0
+  s.image.noise_schedule = "cosine"  # or "linear"
+  s.image.temperature_annealing = "cumulative"  # official (§8.6); "linear" = MaskGIT's T0 (1 - ratio)
+  return s
+
+
 def checkpoint_section() -> ConfigDict:
   """Orbax checkpoints of the train state, data iterator and config in WORKDIR/checkpoints."""
   c = ConfigDict()
@@ -238,9 +288,11 @@ def get_base_config() -> ConfigDict:
   config.sharding = sharding_section()
   config.magvit = magvit_section()
   config.data = data_section()
+  config.loss = loss_section()
   config.optimizer = optimizer_section()
   config.train = train_section()
   config.checkpoint = checkpoint_section()
+  config.sampling = sampling_section()
   return config
 
 
@@ -401,10 +453,57 @@ def _validate_train(config: ConfigDict, errors: list[str]) -> None:
   _require(c.keep >= 1, "checkpoint.keep", f"must be >= 1, got {c.keep}", errors)
 
 
+def _validate_loss(lc: ConfigDict, errors: list[str]) -> None:
+  _require(0.0 < lc.text_eps < 1.0, "loss.text_eps", f"must be in (0, 1), got {lc.text_eps}", errors)
+  _require(lc.image_schedule in ("cosine", "linear"), "loss.image_schedule",
+           f"must be 'cosine' or 'linear', got {lc.image_schedule!r}", errors)
+  _require(0.0 <= lc.image_min_mask_rate <= 1.0, "loss.image_min_mask_rate",
+           f"must be in [0, 1], got {lc.image_min_mask_rate}", errors)
+  for task in ("t2i", "lm", "mmu"):
+    _require(lc[f"coeff_{task}"] >= 0, f"loss.coeff_{task}", f"must be >= 0, got {lc[f'coeff_{task}']}", errors)
+  _require(lc.lm_normalisation in ("tokens", "answer"), "loss.lm_normalisation",
+           f"must be 'tokens' or 'answer', got {lc.lm_normalisation!r}", errors)
+  _require(lc.attention in ("float_bias", "key_mask", "pair_mask", "none"), "loss.attention",
+           f"must be 'float_bias', 'key_mask', 'pair_mask' or 'none', got {lc.attention!r}", errors)
+  _require(lc.head in ("gather", "chunked", "full"), "loss.head",
+           f"must be 'gather', 'chunked' or 'full', got {lc.head!r}", errors)
+  _require(isinstance(lc.head_chunk, int) and lc.head_chunk >= 1, "loss.head_chunk",
+           f"must be an integer >= 1, got {lc.head_chunk!r}", errors)
+  _require(0.0 < lc.head_capacity <= 1.0, "loss.head_capacity", f"must be in (0, 1], got {lc.head_capacity}", errors)
+  _require(isinstance(lc.head_groups, int) and lc.head_groups >= 0, "loss.head_groups",
+           f"must be an integer >= 0 (0 = one group per device), got {lc.head_groups!r}", errors)
+
+
+def _validate_sampling(s: ConfigDict, errors: list[str]) -> None:
+  t, im = s.text, s.image
+  for key in ("gen_length", "block_length", "steps"):
+    _require(isinstance(t[key], int) and t[key] > 0, f"sampling.text.{key}", f"must be a positive integer, got "
+             f"{t[key]!r}", errors)
+  if all(isinstance(t[k], int) and t[k] > 0 for k in ("gen_length", "block_length", "steps")):
+    _require(t.gen_length % t.block_length == 0, "sampling.text.block_length",
+             f"sampling.text.gen_length={t.gen_length} is not a multiple of block_length={t.block_length}", errors)
+    _require(t.threshold > 0 or t.steps % max(1, t.gen_length // t.block_length) == 0, "sampling.text.steps",
+             f"{t.steps} is not a multiple of the number of blocks {t.gen_length // t.block_length}", errors)
+  _require(t.remasking in ("low_confidence", "random"), "sampling.text.remasking",
+           f"must be 'low_confidence' or 'random', got {t.remasking!r}", errors)
+  _require(0.0 <= t.threshold < 1.0, "sampling.text.threshold", f"must be in [0, 1) (0 = off), got {t.threshold}",
+           errors)
+  _require(isinstance(im.timesteps, int) and im.timesteps > 0, "sampling.image.timesteps",
+           f"must be a positive integer, got {im.timesteps!r}", errors)
+  for sec, key in (("text", "temperature"), ("text", "cfg_scale"), ("image", "guidance_scale"),
+                   ("image", "temperature")):
+    _require(s[sec][key] >= 0, f"sampling.{sec}.{key}", f"must be >= 0, got {s[sec][key]}", errors)
+  _require(im.noise_schedule in ("cosine", "linear"), "sampling.image.noise_schedule",
+           f"must be 'cosine' or 'linear', got {im.noise_schedule!r}", errors)
+  _require(im.temperature_annealing in ("cumulative", "linear"), "sampling.image.temperature_annealing",
+           f"must be 'cumulative' or 'linear', got {im.temperature_annealing!r}", errors)
+
+
 def validate(config: ConfigDict) -> ConfigDict:
   """Checks the whole config; raises ConfigError listing every problem with its key. Returns the config."""
   errors: list[str] = []
-  for section in ("model", "vocab", "sharding", "magvit", "data", "optimizer", "train", "checkpoint"):
+  for section in ("model", "vocab", "sharding", "magvit", "data", "loss", "optimizer", "train", "checkpoint",
+                  "sampling"):
     if section not in config:
       errors.append(f"{section}: section missing (start experiment files from mmada_jax.config.get_base_config())")
   if errors:
@@ -414,7 +513,9 @@ def validate(config: ConfigDict) -> ConfigDict:
     _validate_vocab(config.vocab, config.model, errors)
   _validate_magvit(config.magvit, config.vocab, errors)
   _validate_data(config.data, config.vocab, errors)
+  _validate_loss(config.loss, errors)
   _validate_train(config, errors)
+  _validate_sampling(config.sampling, errors)
   from mmada_jax.parallel import rules  # local import: parallel depends on config, not the reverse
 
   errors.extend(rules.validate_sharding_config(config.sharding))

@@ -1,1 +1,1 @@
-
+"""Masked diffusion: on-device corruption (`corruption`), training losses (`losses`) and samplers."""
