@@ -1,6 +1,7 @@
 """The `mmada-jax` command line.
 
   mmada-jax info    --config experiments/mmada_8b.py [--config.model.num_layers=4 ...]
+  mmada-jax train   --config experiments/... --workdir DIR [--init_from CKPT] [--config.key=value ...]
   mmada-jax convert SRC DST [--layout stacked|unstacked] [--config FILE] [--overwrite]
   mmada-jax toyworld build|check|tokenizer [--config FILE] [...]
 
@@ -121,6 +122,28 @@ def _is_magvit_dir(src: str) -> bool:
   return any(k.startswith("encoder.") for k in keys) and not any(k.startswith("model.") for k in keys)
 
 
+def cmd_train(argv: list[str]) -> int:
+  """Masked-denoising training for any stage config; rerunning the same workdir resumes."""
+  path, overrides, rest = config_lib.split_config_args(argv)
+  p = _parser("train", "Train (or resume) a run in WORKDIR with an experiment config.")
+  p.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics.jsonl, tensorboard/")
+  p.add_argument("--init_from", default=None, help="parameter checkpoint to start from (sets train.init_from)")
+  p.add_argument("--no_progress", action="store_true", help="no progress bar (log lines only)")
+  args = p.parse_args(rest)
+  if path is None:
+    raise config_lib.ConfigError("--config FILE is required (see experiments/)")
+  if args.init_from:
+    overrides["train.init_from"] = args.init_from
+  config = config_lib.load_config(path, overrides)
+  from mmada_jax.diffusion.losses import Objective
+  from mmada_jax.train import data_setup, loop
+
+  run = loop.setup(config, args.workdir, Objective, data_setup.make_data)
+  last = loop.train(run, progress=not args.no_progress)
+  print("final metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(last.items())))
+  return 0
+
+
 def cmd_toyworld(argv: list[str]) -> int:
   """ToyWorld data set: `build` (ArrayRecord splits), `check` (image checker accuracy), `tokenizer`."""
   from mmada_jax.data import toyworld_tfds
@@ -128,7 +151,7 @@ def cmd_toyworld(argv: list[str]) -> int:
   return toyworld_tfds.main_toyworld(argv)
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"info": cmd_info, "convert": cmd_convert,
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"info": cmd_info, "convert": cmd_convert, "train": cmd_train,
                                                     "toyworld": cmd_toyworld}
 
 

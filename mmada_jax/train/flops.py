@@ -2,7 +2,9 @@
 
 Convention (stated because MFU figures are not comparable otherwise): a multiply-add is 2 FLOPs; attention is
 bidirectional and counted in full, 4·L²·d per layer per sequence forward (QKᵀ and AV); the LM head is counted at the
-positions where it is evaluated; a training step is 3× the forward (forward + 2× for the backward).
+positions given (the train loop passes every position: model FLOPs, as if the head ran everywhere, although the loss
+evaluates it at the masked positions only — so the MFU is comparable with stacks that do not save that work); a
+training step is 3× the forward (forward + 2× for the backward).
 """
 
 from __future__ import annotations

@@ -1,0 +1,158 @@
+"""One training loop for every stage (Decision 7): `mmada-jax train --config experiments/... --workdir DIR`.
+
+Rerunning the same workdir resumes from its latest checkpoint (state, data iterator, step); otherwise the run starts
+from `train.init_from` (a converted official checkpoint or another run's parameters) or from random weights.
+Metrics are fetched one step late, so the host never waits for the device between steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+
+from mmada_jax import checkpoint as ckpt
+from mmada_jax.models import llada
+from mmada_jax.parallel import mesh as mesh_lib, partitioning, rules as rules_lib
+from mmada_jax.train import flops as flops_lib, metrics_io, optim, state as state_lib, step as step_lib
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a run holds between steps."""
+  config: Any
+  workdir: str
+  mesh: Any
+  rules: dict
+  model: Any
+  state: state_lib.TrainState
+  shardings: state_lib.TrainState
+  step_fn: Callable
+  data: Any
+  checkpointer: ckpt.TrainCheckpointer
+  batch_shardings: Callable[[dict], Any]
+
+
+def config_json(config) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def place_batch(local: dict, mesh, rules) -> dict:
+  """Per-host numpy rows -> global jax arrays sharded over the batch axes (multi-host safe)."""
+  out = {}
+  for task, arrays in local.items():
+    out[task] = {k: jax.make_array_from_process_local_data(partitioning.batch_sharding(mesh, rules, np.ndim(v)),
+                                                           np.asarray(v)) for k, v in arrays.items()}
+  return out
+
+
+def initial_state(config, model, tx, mesh, rules, abstract, shardings, log: Callable[[str], None]):
+  """Random init, or `train.init_from` parameters (checked against the model shape)."""
+  if not config.train.init_from:
+    return state_lib.create_state(model, tx, jax.random.key(config.seed), mesh, rules, shardings)
+  path = config.train.init_from
+  meta = ckpt.read_metadata(path)
+  layout = "stacked" if config.model.scan_layers else "unstacked"
+  expected = {"layer_layout": layout, "model.num_layers": config.model.num_layers,
+              "model.d_model": config.model.d_model, "model.vocab_size": config.model.vocab_size,
+              "model.num_heads": config.model.num_heads}
+  ckpt.check_metadata(meta, expected, path)
+  params, _ = ckpt.load_params(path, shardings=shardings.params)
+  params = jax.tree.map(lambda p, a: p.astype(a.dtype), params, abstract.params)
+  log(f"initialised parameters from {path}")
+  return state_lib.state_from_params(params, tx, shardings)
+
+
+def setup(config, workdir: str, hooks_factory: Callable, data_factory: Callable,
+          log: Callable[[str], None] = print) -> Run:
+  """Mesh, model, sharded state (resumed when the workdir has a checkpoint), data iterator and jitted step."""
+  os.makedirs(workdir, exist_ok=True)
+  mesh = mesh_lib.create_mesh(config.sharding)
+  rules = rules_lib.resolve_rules(config.sharding.preset, dict(config.sharding.rule_overrides))
+  model = llada.build_model(config.model)
+  tx = optim.make_optimizer(config.optimizer)
+  abstract, shardings = state_lib.state_shardings(model, tx, mesh, rules)
+  checkpointer = ckpt.TrainCheckpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
+  data = data_factory(config)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    state, data_state, _ = checkpointer.restore(latest, abstract)
+    if data_state and hasattr(data, "set_state"):
+      data.set_state(data_state)
+    log(f"resumed from {checkpointer.directory} at step {latest}")
+  else:
+    state = initial_state(config, model, tx, mesh, rules, abstract, shardings, log)
+  hooks = hooks_factory(config, model)
+  step_fn = step_lib.make_train_step(hooks, tx, hooks.coefficients, int(config.train.micro_batches), int(config.seed),
+                                     optim.learning_rate_schedule(config.optimizer))
+
+  def batch_shardings(batch):
+    return jax.tree.map(lambda x: partitioning.batch_sharding(mesh, rules, x.ndim), batch)
+
+  with partitioning.axis_rules(mesh, rules):
+    jitted = jax.jit(step_fn, out_shardings=(shardings, None), donate_argnums=0)
+  return Run(config, workdir, mesh, rules, model, state, shardings, jitted, data, checkpointer, batch_shardings)
+
+
+def _tokens(batch: dict) -> int:
+  return int(sum(np.prod(a["input_ids"].shape) for a in batch.values()))
+
+
+def train(run: Run, log: Callable[[str], None] = print, progress: bool = True) -> dict:
+  """Runs until `train.steps`; returns the last logged metrics."""
+  config = run.config
+  total, start = int(config.train.steps), int(jax.device_get(run.state.step))
+  writer = metrics_io.MetricsWriter(run.workdir, tensorboard=bool(config.train.tensorboard))
+  if start == 0:
+    with open(os.path.join(run.workdir, "config.json"), "w") as f:
+      json.dump(config_json(config), f, indent=2)
+  peak = flops_lib.peak_flops_per_device(float(config.train.peak_tflops))
+  bar = metrics_io.progress(total, start, enabled=progress)
+  pending, last = None, {}
+  t_prev = time.perf_counter()
+  try:
+    for step in range(start, total):
+      local = next(run.data)
+      batch = place_batch(local, run.mesh, run.rules)
+      with partitioning.axis_rules(run.mesh, run.rules):
+        run.state, metrics = run.step_fn(run.state, batch)
+      if pending is not None:  # fetch the previous step's metrics now: the device is already busy with this one
+        last = _finish(pending, run, peak, writer, bar, log)
+      now = time.perf_counter()
+      pending = (step + 1, metrics, now - t_prev, _tokens(local) * jax.process_count(), local)
+      t_prev = now
+      if (step + 1) % int(config.checkpoint.save_every_steps) == 0 or step + 1 == total:
+        run.checkpointer.save(step + 1, run.state, _data_state(run.data), config_json(config), force=step + 1 == total)
+    if pending is not None:
+      last = _finish(pending, run, peak, writer, bar, log)
+  finally:
+    run.checkpointer.wait()
+    bar.close()
+    writer.close()
+  return last
+
+
+def _data_state(data) -> dict | None:
+  return data.get_state() if hasattr(data, "get_state") else None
+
+
+def _finish(pending, run: Run, peak, writer, bar, log) -> dict:
+  step, metrics, seconds, tokens, local = pending
+  values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  values["step_time_s"] = seconds
+  values["tokens_per_s"] = tokens / max(seconds, 1e-9)
+  c = run.config
+  step_flops = sum(flops_lib.train_step_flops(c.model, a["input_ids"].shape[0] * jax.process_count(),
+                                              a["input_ids"].shape[1], a["input_ids"].shape[1])
+                   for a in local.values())
+  if peak:
+    values["mfu"] = step_flops / max(seconds, 1e-9) / (peak * jax.device_count())
+  bar.update(step, values)
+  if step % int(c.train.log_every) == 0 or step == int(c.train.steps):
+    writer.write(step, values)
+  return values
