@@ -135,6 +135,7 @@ def cmd_train(argv: list[str]) -> int:
   if args.init_from:
     overrides["train.init_from"] = args.init_from
   config = config_lib.load_config(path, overrides)
+  print(config, flush=True)  # the resolved config (also saved as WORKDIR/config.json)
   from mmada_jax.diffusion.losses import Objective
   from mmada_jax.train import data_setup, loop
 

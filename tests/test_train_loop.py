@@ -15,7 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(ROOT, "experiments", "toyworld.py:text")
 SMALL = {"model.num_layers": "1", "model.d_model": "32", "model.num_heads": "2", "model.num_kv_heads": "2",
          "model.mlp_hidden": "64", "data.batch_size_lm": "8", "data.max_text_len": "24", "train.log_every": "1",
-         "checkpoint.save_every_steps": "2", "checkpoint.async_save": "false", "train.tensorboard": "false"}
+         "checkpoint.save_every_steps": "2", "checkpoint.async_save": "false", "train.tensorboard": "false",
+         "train.eval_batches": "1"}
 
 
 def make_run(workdir, steps, **extra):
@@ -38,7 +39,7 @@ def test_resume_equals_uninterrupted(tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), params_of(full), params_of(resumed))
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), jax.device_get(full.state.opt_state),
                jax.device_get(resumed.state.opt_state))
-  read = lambda p: {r["step"]: r for r in map(json.loads, open(p / "metrics.jsonl"))}
+  read = lambda p: {r["step"]: r for r in map(json.loads, open(p / "metrics.jsonl")) if "loss" in r}
   a, b = read(tmp_path / "full"), read(tmp_path / "part")
   for step in (3, 4):
     assert a[step]["loss"] == b[step]["loss"] and a[step]["grad_norm"] == b[step]["grad_norm"]
@@ -76,5 +77,8 @@ def test_cli_train_writes_metrics_and_config(tmp_path, capsys):
   assert cli.main(args) == 0
   assert "final metrics:" in capsys.readouterr().out
   rows = [json.loads(line) for line in open(tmp_path / "cli" / "metrics.jsonl")]
-  assert [r["step"] for r in rows] == [1, 2] and all("loss_lm" in r and "tokens_per_s" in r for r in rows)
+  train_rows = [r for r in rows if "loss_lm" in r]
+  assert [r["step"] for r in train_rows] == [1, 2] and all("tokens_per_s" in r for r in train_rows)
+  evals = [r for r in rows if "eval_loss_lm" in r]
+  assert [r["step"] for r in evals] == [0, 2] and all(np.isfinite(r["eval_loss_lm"]) for r in evals)
   assert json.load(open(tmp_path / "cli" / "config.json"))["model"]["d_model"] == 32

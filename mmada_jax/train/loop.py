@@ -35,7 +35,8 @@ class Run:
   step_fn: Callable
   data: Any
   checkpointer: ckpt.TrainCheckpointer
-  batch_shardings: Callable[[dict], Any]
+  eval_fn: Callable
+  eval_data_factory: Callable[[], Any]
 
 
 def config_json(config) -> dict:
@@ -90,13 +91,38 @@ def setup(config, workdir: str, hooks_factory: Callable, data_factory: Callable,
   hooks = hooks_factory(config, model)
   step_fn = step_lib.make_train_step(hooks, tx, hooks.coefficients, int(config.train.micro_batches), int(config.seed),
                                      optim.learning_rate_schedule(config.optimizer))
-
-  def batch_shardings(batch):
-    return jax.tree.map(lambda x: partitioning.batch_sharding(mesh, rules, x.ndim), batch)
-
   with partitioning.axis_rules(mesh, rules):
     jitted = jax.jit(step_fn, out_shardings=(shardings, None), donate_argnums=0)
-  return Run(config, workdir, mesh, rules, model, state, shardings, jitted, data, checkpointer, batch_shardings)
+  eval_fn = jax.jit(make_eval_fn(hooks))
+  return Run(config, workdir, mesh, rules, model, state, shardings, jitted, data, checkpointer, eval_fn,
+             lambda: data_factory(config, split="validation"))
+
+
+def make_eval_fn(hooks) -> Callable:
+  """(params, batch, key) -> per-task (numerator, denominator) of the held-out masked-token loss (no gradients)."""
+
+  def evaluate(params, batch, key):
+    corrupted = hooks.corrupt(step_lib.add_example_ids(batch), key)
+    nums, _ = hooks.numerators(params, corrupted)
+    dens = hooks.denominators(corrupted)
+    return {t: (nums[t], dens[t]) for t in nums}
+
+  return evaluate
+
+
+def evaluate(run: Run) -> dict:
+  """Held-out loss per task over `train.eval_batches` validation batches, with fixed masks (same every time)."""
+  data = run.eval_data_factory()
+  sums: dict[str, list[float]] = {}
+  for i in range(int(run.config.train.eval_batches)):
+    batch = place_batch(next(data), run.mesh, run.rules)
+    key = jax.random.fold_in(jax.random.key(int(run.config.seed) + 1), i)
+    with partitioning.axis_rules(run.mesh, run.rules):
+      terms = jax.device_get(run.eval_fn(run.state.params, batch, key))
+    for t, (num, den) in terms.items():
+      acc = sums.setdefault(t, [0.0, 0.0])
+      acc[0], acc[1] = acc[0] + float(num), acc[1] + float(den)
+  return {f"eval_loss_{t}": num / den for t, (num, den) in sums.items() if den > 0}
 
 
 def _tokens(batch: dict) -> int:
@@ -112,6 +138,8 @@ def train(run: Run, log: Callable[[str], None] = print, progress: bool = True) -
     with open(os.path.join(run.workdir, "config.json"), "w") as f:
       json.dump(config_json(config), f, indent=2)
   peak = flops_lib.peak_flops_per_device(float(config.train.peak_tflops))
+  if start == 0 and config.train.eval_batches > 0:
+    writer.write(0, evaluate(run))  # the value at initialisation, the start of the held-out curve
   bar = metrics_io.progress(total, start, enabled=progress)
   pending, last = None, {}
   t_prev = time.perf_counter()
@@ -126,6 +154,13 @@ def train(run: Run, log: Callable[[str], None] = print, progress: bool = True) -
       now = time.perf_counter()
       pending = (step + 1, metrics, now - t_prev, _tokens(local) * jax.process_count(), local)
       t_prev = now
+      every = int(config.train.eval_every)
+      if config.train.eval_batches > 0 and ((every and (step + 1) % every == 0) or step + 1 == total):
+        last = _finish(pending, run, peak, writer, bar, log)
+        pending = None
+        scores = evaluate(run)
+        writer.write(step + 1, scores)
+        last.update(scores)
       if (step + 1) % int(config.checkpoint.save_every_steps) == 0 or step + 1 == total:
         run.checkpointer.save(step + 1, run.state, _data_state(run.data), config_json(config), force=step + 1 == total)
     if pending is not None:
