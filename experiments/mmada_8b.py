@@ -8,6 +8,9 @@ Use `:512` for the released 512 px setting (1,024 image tokens per image).
 from mmada_jax.config import get_base_config
 
 
+VARIANTS = ("256", "512")
+
+
 def get_config(arg: str | None = None):
   config = get_base_config()
   config.name = "mmada_8b"

@@ -13,6 +13,9 @@ from mmada_jax.config import get_base_config
 from mmada_jax.tokens.vocab import apply_toy_vocab
 
 
+VARIANTS = ("stage1", "cot", "text")
+
+
 def get_config(arg: str | None = None):
   stage = arg or "stage1"
   if stage not in ("stage1", "cot", "text"):

@@ -74,6 +74,9 @@ def cmd_convert(argv: list[str]) -> int:
                  help="layer layout of the imported tree (default: stacked, or unstacked when the config sets "
                       "model.scan_layers=False)")
   p.add_argument("--overwrite", action="store_true", help="replace an existing output checkpoint")
+  p.add_argument("--resize_vocab", type=int, default=0,
+                 help="grow the embedding and LM head to this many rows (new rows = mean of the old ones), e.g. "
+                      "134656 to start MMaDA stage 1.1 from LLaDA-8B-Instruct")
   args = p.parse_args(rest)
   from mmada_jax import checkpoint as ckpt
   from mmada_jax.convert import official
@@ -93,7 +96,8 @@ def cmd_convert(argv: list[str]) -> int:
     magvit.convert_magvit_to_orbax(src, args.dst, overwrite=args.overwrite)
     return 0
   official.import_official(src, args.dst, layout=layout, model_config=config.model if config else None,
-                           vocab_config=config.vocab if config else None, overwrite=args.overwrite)
+                           vocab_config=config.vocab if config else None, overwrite=args.overwrite,
+                           resize_to=args.resize_vocab)
   return 0
 
 

@@ -528,10 +528,8 @@ def validate(config: ConfigDict) -> ConfigDict:
 # Loading experiment files
 
 
-def load_config_file(path: str, arg: str | None = None) -> ConfigDict:
-  """Imports an experiment file and calls its `get_config(arg)`; `path` may end in `:arg`."""
-  if arg is None and ":" in os.path.basename(path):
-    path, arg = path.rsplit(":", 1)
+def load_module(path: str):
+  """Imports an experiment file as a module."""
   if not os.path.isfile(path):
     raise ConfigError(f"config file not found: {path}")
   spec = importlib.util.spec_from_file_location(f"_mmada_experiment_{abs(hash(path))}", path)
@@ -539,8 +537,18 @@ def load_config_file(path: str, arg: str | None = None) -> ConfigDict:
   spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path} defines no get_config()")
-  config = module.get_config(arg) if arg is not None else module.get_config()
-  return config
+  return module
+
+
+def load_config_file(path: str, arg: str | None = None) -> ConfigDict:
+  """Imports an experiment file and calls its `get_config(arg)`; `path` may end in `:arg`."""
+  if arg is None and ":" in os.path.basename(path):
+    path, arg = path.rsplit(":", 1)
+  module = load_module(path)
+  try:
+    return module.get_config(arg) if arg is not None else module.get_config()
+  except ValueError as e:  # e.g. an unknown variant
+    raise ConfigError(f"{path}: {e}") from None
 
 
 def parse_override_value(text: str, current: Any) -> Any:

@@ -15,6 +15,24 @@ def test_experiments_found():
   assert len(EXPERIMENTS) >= 4
 
 
+def _variants():
+  """Every `file:variant` an experiment file declares in its VARIANTS tuple."""
+  out = []
+  for path in EXPERIMENTS:
+    module = config_lib.load_module(path)
+    out += [f"{path}:{v}" for v in getattr(module, "VARIANTS", ())]
+  return out
+
+
+VARIANTS = _variants()
+
+
+@pytest.mark.parametrize("spec", VARIANTS, ids=[os.path.basename(v).replace(".py:", ":") for v in VARIANTS])
+def test_experiment_variant_loads_and_validates(spec):
+  config = config_lib.load_config(spec)
+  assert config.name
+
+
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[os.path.basename(p)[:-3] for p in EXPERIMENTS])
 def test_experiment_loads_and_validates(path):
   config = config_lib.load_config(path)

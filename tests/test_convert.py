@@ -160,3 +160,21 @@ def test_cli_info(capsys):
   assert "parameters: 8,082,690,048" in capsys.readouterr().out
   assert cli.main(["info", "--config", str(ROOT / "experiments" / "llada_8b.py")]) == 0
   assert "parameters: 8,015,581,184" in capsys.readouterr().out
+
+
+def test_resize_vocab_for_stage_1_1(tmp_path):
+  src = make_dir(tmp_path, tensors())
+  cfg = config_lib.load_config(str(ROOT / "experiments" / "tiny.py"), {"model.vocab_size": "320"})
+  official.import_official(str(src), str(tmp_path / "ck"), model_config=cfg.model, resize_to=320, **QUIET)
+  params, meta = ckpt.load_params(str(tmp_path / "ck"), as_numpy=True)
+  old = tensors()
+  assert params["wte"].shape == (320, 64) and params["lm_head"]["kernel"].shape == (64, 320)
+  np.testing.assert_array_equal(params["wte"][:300], old["model.transformer.wte.weight"])
+  np.testing.assert_allclose(params["wte"][300:], np.broadcast_to(old["model.transformer.wte.weight"].mean(0),
+                                                                  (20, 64)), rtol=1e-6)
+  assert meta["model"]["vocab_size"] == 320 and meta["official"] is None
+  official.export_official(str(tmp_path / "ck"), str(tmp_path / "out"), **QUIET)
+  back = json.loads((tmp_path / "out" / "config.json").read_text())
+  assert back["embedding_size"] == 320 and back["n_layers"] == 2
+  f = st.CheckpointDir(str(tmp_path / "out"))
+  assert f.info("model.transformer.ff_out.weight").shape == (320, 64)

@@ -246,9 +246,29 @@ def vocab_facts(cfg: dict) -> dict:
   return {k: cfg[k] for k in keys if k in cfg}
 
 
+def resize_vocab(tree: dict, s: Shape, rows: int) -> Shape:
+  """Grows the embedding and the LM head to `rows` entries (MMaDA stage 1.1 starts from LLaDA-8B this way).
+
+  New rows are the mean of the existing ones, which is what Hugging Face's mean-resizing amounts to (it samples around
+  the mean with a negligible covariance), so new tokens start as an "average" token.
+  """
+  if rows < s.vocab_size:
+    raise ConversionError(f"--resize_vocab {rows} is smaller than the checkpoint's {s.vocab_size} rows")
+  wte, head = tree["wte"], tree["lm_head"]["kernel"]
+  extra = rows - s.vocab_size
+  mean_row = wte.astype(np.float32).mean(axis=0).astype(wte.dtype)
+  tree["wte"] = np.concatenate([wte, np.broadcast_to(mean_row, (extra, s.d_model))], axis=0)
+  mean_col = head.astype(np.float32).mean(axis=1).astype(head.dtype)
+  tree["lm_head"]["kernel"] = np.concatenate([head, np.broadcast_to(mean_col[:, None], (s.d_model, extra))], axis=1)
+  return dataclasses.replace(s, vocab_size=rows)
+
+
 def import_official(src_dir: str, dst: str, *, layout: str = "stacked", model_config=None, vocab_config=None,
-                    overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
-  """Converts an official checkpoint directory into an Orbax parameter checkpoint at `dst`. Returns the metadata."""
+                    overwrite: bool = False, resize_to: int = 0, log: Callable[[str], None] = print) -> dict:
+  """Converts an official checkpoint directory into an Orbax parameter checkpoint at `dst`. Returns the metadata.
+
+  `resize_to` > 0 grows the vocabulary rows first (e.g. 126464 -> 134656 to start MMaDA from LLaDA-8B).
+  """
   t0 = time.time()
   src = st.CheckpointDir(src_dir)
   cfg = src.config()
@@ -256,9 +276,10 @@ def import_official(src_dir: str, dst: str, *, layout: str = "stacked", model_co
     raise ConversionError(f"{src_dir}: no config.json (an official checkpoint directory has config.json and "
                           "*.safetensors)")
   s = shape_from_official_config(cfg)
-  if model_config is not None:
-    check_against_config(s, shape_from_model_config(model_config), f"{src_dir}/config.json")
   check_keys_and_shapes(src, s)
+  if model_config is not None:
+    grown = dataclasses.replace(s, vocab_size=resize_to) if resize_to else s
+    check_against_config(grown, shape_from_model_config(model_config), f"{src_dir}/config.json")
   if vocab_config is not None and "mask_token_id" in cfg and cfg["mask_token_id"] != vocab_config.mask_id:
     raise ConversionError(f"vocab.mask_id={vocab_config.mask_id} but config.json has mask_token_id="
                           f"{cfg['mask_token_id']}")
@@ -270,11 +291,15 @@ def import_official(src_dir: str, dst: str, *, layout: str = "stacked", model_co
       log(f"  read {done[0]}/{n_total} tensors ({time.time() - t0:.1f}s)")
 
   tree = official_to_tree(src, s, layout, progress)
+  official_files = {"layout": src.layout(), "config_json": _read_text(src_dir, "config.json"),
+                    "index_json": _read_text(src_dir, st.INDEX_NAME)}
+  if resize_to and resize_to != s.vocab_size:
+    log(f"growing the vocabulary from {s.vocab_size} to {resize_to} rows")
+    s = resize_vocab(tree, s, resize_to)
+    official_files = None  # the original files no longer describe these weights; export writes fresh ones
   meta = {
       "kind": KIND, "layer_layout": layout, "model": s.as_dict(), "vocab": vocab_facts(cfg),
-      "dtypes": sorted({src.info(k).dtype for k in src.keys()}),
-      "official": {"layout": src.layout(), "config_json": _read_text(src_dir, "config.json"),
-                   "index_json": _read_text(src_dir, st.INDEX_NAME)},
+      "dtypes": sorted({src.info(k).dtype for k in src.keys()}), "official": official_files,
   }
   if vocab_config is not None:
     meta["vocab"].update({"image_offset": vocab_config.image_offset, "mask_id": vocab_config.mask_id,
