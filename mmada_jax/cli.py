@@ -2,6 +2,7 @@
 
   mmada-jax info    --config experiments/mmada_8b.py [--config.model.num_layers=4 ...]
   mmada-jax train   --config experiments/... --workdir DIR [--init_from CKPT] [--config.key=value ...]
+  mmada-jax compile --config experiments/... --topology v5p-128 [--num_slices 2]
   mmada-jax convert SRC DST [--layout stacked|unstacked] [--config FILE] [--overwrite]
   mmada-jax toyworld build|check|tokenizer [--config FILE] [...]
 
@@ -149,6 +150,45 @@ def cmd_train(argv: list[str]) -> int:
   return 0
 
 
+def cmd_compile(argv: list[str]) -> int:
+  """AOT-compiles the train step for a TPU topology; exit status 3 when it does not fit in HBM."""
+  config, rest = _load(argv)
+  p = _parser("compile", "Compile the train step for a Cloud TPU topology from this host (needs libtpu) and "
+                         "report per-chip memory, XLA's step-time estimate and MFU.")
+  p.add_argument("--topology", required=True, help="e.g. v4-32, v5e-16, v5p-128, v6e-256")
+  p.add_argument("--num_slices", type=int, default=1, help="multislice: number of slices joined over DCN")
+  args = p.parse_args(rest)
+  import json
+
+  import jax
+
+  from mmada_jax.parallel import aot
+
+  devices, chip = aot.tpu_devices(args.topology, args.num_slices)
+  print(f"{args.topology} x {args.num_slices} slice(s): {len(devices)} chips ({devices[0].device_kind}), "
+        f"{chip.hbm_gib:g} GiB HBM each; preset {config.sharding.preset!r}", flush=True)
+  try:
+    compiled, facts = aot.compile_train_step(config, devices)
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    print(json.dumps({"fits": False, "error": str(e).splitlines()[0]}))
+    print(f"DOES NOT FIT: {str(e).splitlines()[0]}")
+    return 3
+  rep = aot.report(compiled, chip, config, facts["batch"], len(devices))
+  print(json.dumps({"mesh": facts["mesh"], **{k: round(v, 4) if isinstance(v, float) else v
+                                              for k, v in rep.items()}}))
+  verdict = "fits" if rep["fits"] else "DOES NOT FIT"
+  print(f"{verdict}: {rep['total_gib']:.2f} of {rep['hbm_gib']:g} GiB per chip (arguments {rep['arguments_gib']:.2f}, "
+        f"temporaries {rep['temporaries_gib']:.2f})")
+  if "estimated_mfu" in rep:
+    print(f"XLA cost model: {rep['xla_estimated_step_s']:.3f} s/step, MFU {rep['estimated_mfu']:.1%}")
+  else:
+    print("XLA's cost model counts a loop body once; for a step-time / MFU estimate compile with "
+          "--config.model.scan_layers=false --config.train.micro_batches=1 (slower to compile)")
+  return 0 if rep["fits"] else 3
+
+
 def cmd_toyworld(argv: list[str]) -> int:
   """ToyWorld data set: `build` (ArrayRecord splits), `check` (image checker accuracy), `tokenizer`."""
   from mmada_jax.data import toyworld_tfds
@@ -157,7 +197,7 @@ def cmd_toyworld(argv: list[str]) -> int:
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {"info": cmd_info, "convert": cmd_convert, "train": cmd_train,
-                                                    "toyworld": cmd_toyworld}
+                                                    "compile": cmd_compile, "toyworld": cmd_toyworld}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
 
   try:
     return COMMANDS[name](rest)
-  except (config_lib.ConfigError, CheckpointError, ConversionError, SafetensorsError) as e:
+  except (config_lib.ConfigError, CheckpointError, ConversionError, SafetensorsError, ValueError) as e:
+    if os.environ.get("MMADA_DEBUG"):
+      raise
     print(f"mmada-jax {name}: error: {e}", file=sys.stderr)
     return 1
 
