@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets>=4.9.8",
     "pillow>=10.0",
     "pyarrow>=15.0",
+    "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
 ]
 
 EXTRAS = {
