@@ -189,6 +189,13 @@ def cmd_compile(argv: list[str]) -> int:
   return 0 if rep["fits"] else 3
 
 
+def cmd_sample(argv: list[str]) -> int:
+  """Samplers; for now the `bench` mode (text generation speed, exact and approximate variants)."""
+  from mmada_jax.diffusion import sample_cli
+
+  return sample_cli.main_sample(argv)
+
+
 def cmd_toyworld(argv: list[str]) -> int:
   """ToyWorld data set: `build` (ArrayRecord splits), `check` (image checker accuracy), `tokenizer`."""
   from mmada_jax.data import toyworld_tfds
@@ -197,7 +204,7 @@ def cmd_toyworld(argv: list[str]) -> int:
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {"info": cmd_info, "convert": cmd_convert, "train": cmd_train,
-                                                    "compile": cmd_compile, "toyworld": cmd_toyworld}
+                                                    "compile": cmd_compile, "sample": cmd_sample, "toyworld": cmd_toyworld}
 
 
 def main(argv: list[str] | None = None) -> int:
