@@ -1,7 +1,10 @@
 """The `mmada-jax` command line.
 
+  mmada-jax demo    --workdir DIR            (ToyWorld end to end on CPU)
   mmada-jax info    --config experiments/mmada_8b.py [--config.model.num_layers=4 ...]
   mmada-jax train   --config experiments/... --workdir DIR [--init_from CKPT] [--config.key=value ...]
+  mmada-jax sample  text|t2i|mmu|bench --config ... (--params CKPT | --workdir DIR) ...
+  mmada-jax eval    --config experiments/toyworld.py:cot (--params CKPT | --workdir DIR)
   mmada-jax compile --config experiments/... --topology v5p-128 [--num_slices 2]
   mmada-jax convert SRC DST [--layout stacked|unstacked] [--config FILE] [--overwrite]
   mmada-jax toyworld build|check|tokenizer [--config FILE] [...]
@@ -190,10 +193,25 @@ def cmd_compile(argv: list[str]) -> int:
 
 
 def cmd_sample(argv: list[str]) -> int:
-  """Samplers; for now the `bench` mode (text generation speed, exact and approximate variants)."""
+  """Sampling: `text` (prompt -> answer, streamed), `t2i` (prompt -> PNG), `mmu` (image + question -> answer),
+  `bench` (text generation speed)."""
   from mmada_jax.diffusion import sample_cli
 
   return sample_cli.main_sample(argv)
+
+
+def cmd_eval(argv: list[str]) -> int:
+  """ToyWorld held-out accuracies per task (text reasoning, visual questions, text-to-image via the image checker)."""
+  from mmada_jax.eval import toyworld_eval
+
+  return toyworld_eval.main_eval(argv)
+
+
+def cmd_demo(argv: list[str]) -> int:
+  """The ToyWorld pipeline end to end: image tokenizer, stage 1 pre-training, Mix-CoT."""
+  from mmada_jax import demo
+
+  return demo.main(argv)
 
 
 def cmd_toyworld(argv: list[str]) -> int:
@@ -204,7 +222,8 @@ def cmd_toyworld(argv: list[str]) -> int:
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {"info": cmd_info, "convert": cmd_convert, "train": cmd_train,
-                                                    "compile": cmd_compile, "sample": cmd_sample, "toyworld": cmd_toyworld}
+                                                    "compile": cmd_compile, "sample": cmd_sample, "eval": cmd_eval,
+                                                    "toyworld": cmd_toyworld, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

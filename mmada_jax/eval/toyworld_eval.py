@@ -1,0 +1,328 @@
+"""`mmada-jax eval`: ToyWorld held-out accuracy of a checkpoint, per task.
+
+  mmada-jax eval --config experiments/toyworld.py:cot (--params CKPT | --workdir DIR [--step N]) [--magvit CKPT]
+                 [--tasks text,mmu,t2i] [--count 200] [--start 0] [--batch_size 16] [--out FILE.json] [--overwrite]
+
+Records `start .. start + count - 1` of the ToyWorld `test` split (its own fixed seed: never seen in training):
+  text  the arithmetic word problem. `chat` format (the Mix-CoT training format: CoT instruction in the user turn, the
+        answer `<think>work</think>answer`): correct iff `check_answer` accepts the text after `</think>`;
+        `text_format` is the fraction of answers with a `<think>...</think>` block. `plain` format (pre-training text
+        `There is <caption>. <a> plus <b> is`): correct iff the completion is the number. `auto`: `chat` when the
+        config's lm sources include `toyworld:chat`, else `plain`.
+  mmu   the visual question about the rendered image, encoded by MAGVIT, in the mmu training format (with the CoT
+        instruction when the mmu sources include `toyworld:cot`): `check_answer` on the short answer.
+  t2i   the drawing prompt -> image (t2i sampler, MAGVIT decode) -> `check_draw`, the pixel checker of the prompt
+        (exact scene for "describe" prompts; count, colour and shape for "count" / "reason" prompts).
+Sampler settings: `sampling.text` (text, mmu) and `sampling.image` (t2i) of the config (`--config.sampling.*`).
+Default tasks: text, plus mmu and t2i when an image tokenizer is configured (`--magvit` / `data.image_tokenizer`).
+
+Output: a table on stdout and, next to `--out` (default WORKDIR/eval/toyworld_step<N>.json, or ./toyworld_eval.json),
+the JSON (accuracies, per-kind accuracies, settings, example answers), a markdown table (`.md`) and a PNG grid of the
+first generated images (`_t2i.png`). Existing files are never replaced unless `--overwrite`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+from collections import defaultdict
+from typing import Callable, Sequence
+
+import numpy as np
+
+from mmada_jax import config as config_lib
+
+TASKS = ("text", "mmu", "t2i")
+TEXT_FORMATS = ("auto", "chat", "plain")
+_OPERATIONS = {"+": "add", "-": "subtract", "*": "multiply"}
+EXAMPLES = 3  # answers kept per task in the JSON
+GRID_IMAGES = 16  # generated images in the PNG grid
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Batching
+
+
+def padded_batches(n: int, size: int) -> list[list[int]]:
+  """Indices 0..n-1 in batches of exactly `size` (the last one padded by repeating its last index), so that every
+  batch runs the same compiled program; callers drop the repeats."""
+  out = []
+  for start in range(0, n, size):
+    idx = list(range(start, min(n, start + size)))
+    out.append(idx + [idx[-1]] * (size - len(idx)))
+  return out
+
+
+def _answers(sampler, prompts: Sequence[Sequence[int]], settings, batch_size: int, key) -> list[str]:
+  """Answers for prompts of any lengths: all left-padded to the longest, fixed batch size (one compiled program)."""
+  import jax
+
+  width, out = max(len(p) for p in prompts), []
+  for i, idx in enumerate(padded_batches(len(prompts), batch_size)):
+    answers = sampler.generate_text([prompts[j] for j in idx], settings, jax.random.fold_in(key, i), width=width,
+                                    force_mask=True)
+    out += [sampler.answer(a) for a in answers[:len(set(idx))]]
+  return out
+
+
+def _summary(correct: Sequence[bool], kinds: Sequence[str], answers: Sequence[str], refs: Sequence[str],
+             prompts: Sequence[str]) -> dict:
+  """{accuracy, count, by_kind: {kind: {accuracy, count}}, examples: the first EXAMPLES records}."""
+  by_kind = defaultdict(list)
+  for ok, kind in zip(correct, kinds):
+    by_kind[kind].append(ok)
+  return {"accuracy": float(np.mean(correct)) if len(correct) else 0.0, "count": len(correct),
+          "by_kind": {k: {"accuracy": float(np.mean(v)), "count": len(v)} for k, v in sorted(by_kind.items())},
+          "examples": [{"prompt": p, "reference": r, "answer": a, "correct": bool(c)}
+                       for p, r, a, c in list(zip(prompts, refs, answers, correct))[:EXAMPLES]]}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tasks
+
+
+def text_format(config, requested: str = "auto") -> str:
+  """The prompt format of the text task: `requested`, or for "auto" the one the config's lm data trains."""
+  if requested != "auto":
+    return requested
+  return "chat" if any(str(s) == "toyworld:chat" for s in config.data.lm_sources) else "plain"
+
+
+def mmu_cot(config) -> bool:
+  """Whether the config's mmu data trains CoT answers (then the question carries the CoT instruction)."""
+  return any(str(s) == "toyworld:cot" for s in config.data.mmu_sources)
+
+
+def plain_prefix(record: dict) -> str:
+  """`There is <caption>. <a> plus <b> is` — the pre-training sentence `lm_text` cut before its result."""
+  text = record["lm_text"]
+  return text[:text.rindex(" is ") + len(" is")]
+
+
+def eval_text(sampler, records: Sequence[dict], settings, batch_size: int, key, fmt: str = "chat") -> dict:
+  """Arithmetic word problems: accuracy (and `format`, the `<think>` rate, in the chat format)."""
+  from mmada_jax.data import toyworld_checkers as checkers
+
+  if fmt == "chat":
+    prompts = [sampler.chat_prompt(r["problem"], think=True) for r in records]
+    shown = [r["problem"] for r in records]
+  else:
+    prompts = [[sampler.vocab.bos_id] + sampler.tokenizer.encode(plain_prefix(r)) for r in records]
+    shown = [plain_prefix(r) for r in records]
+  answers = _answers(sampler, prompts, settings, batch_size, key)
+  refs = [r["problem_answer"] for r in records]
+  correct = [checkers.check_answer(a, ref) for a, ref in zip(answers, refs)]
+  out = _summary(correct, [_OPERATIONS[re.search(r"[-+*]", r["problem_reasoning"]).group()] for r in records],
+                 answers, refs, shown)
+  if fmt == "chat":
+    v = sampler.vocab
+    out["format"] = float(np.mean([v.think_open in a and v.think_close in a.split(v.think_open, 1)[1]
+                                   for a in answers]))
+  out["text_format"] = fmt
+  return out
+
+
+def encode_images(sampler, images: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
+  """uint8 images [H, W, 3] -> codes [n, N], in fixed-size batches."""
+  codes = []
+  for idx in padded_batches(len(images), batch_size):
+    codes.append(sampler.images.encode([images[j] for j in idx])[:len(set(idx))])
+  return np.concatenate(codes)
+
+
+def eval_mmu(sampler, records: Sequence[dict], settings, batch_size: int, key, cot: bool = False) -> dict:
+  """Visual questions about the rendered test images."""
+  from mmada_jax.data import toyworld_checkers as checkers
+
+  codes = encode_images(sampler, [r["image"] for r in records], batch_size)
+  prompts = [sampler.mmu_prompt(c, r["question"], think=cot) for c, r in zip(codes, records)]
+  answers = _answers(sampler, prompts, settings, batch_size, key)
+  refs = [r["answer"] for r in records]
+  correct = [checkers.check_answer(a, ref) for a, ref in zip(answers, refs)]
+  out = _summary(correct, [r["question_kind"] for r in records], answers, refs, [r["question"] for r in records])
+  out["cot"] = cot
+  return out
+
+
+def eval_t2i(sampler, records: Sequence[dict], settings, batch_size: int, key) -> tuple[dict, np.ndarray]:
+  """Drawing prompts -> images checked by the pixel checker; returns (summary, the first GRID_IMAGES images)."""
+  import jax
+
+  from mmada_jax.data import toyworld_checkers as checkers
+
+  prompts = [r["draw_prompt"] for r in records]
+  correct, kept = [], []
+  for i, idx in enumerate(padded_batches(len(records), batch_size)):
+    _, images = sampler.generate_images([prompts[j] for j in idx], settings, jax.random.fold_in(key, i))
+    for j, image in zip(idx[:len(set(idx))], images):
+      correct.append(bool(checkers.check_draw(image, records[j])))
+      if len(kept) < GRID_IMAGES:
+        kept.append(image)
+  out = _summary(correct, [r["draw_kind"] for r in records], ["<image>"] * len(records), prompts, prompts)
+  for e in out["examples"]:
+    del e["answer"], e["reference"]
+  return out, np.stack(kept)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The whole evaluation
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+  tasks: tuple[str, ...] = TASKS
+  count: int = 200
+  start: int = 0
+  batch_size: int = 16
+  seed: int = 0
+  text_format: str = "auto"
+
+
+def evaluate(sampler, options: EvalOptions, log: Callable[[str], None] = print) -> tuple[dict, np.ndarray | None]:
+  """Runs the tasks on the test records; returns (result dict, grid images of t2i or None)."""
+  import jax
+
+  from mmada_jax.data import toyworld as tw
+  from mmada_jax.diffusion import sample_cli
+
+  config = sampler.config
+  world = tw.ToyWorld.from_config(config)
+  records = [world.example("test", options.start + i) for i in range(options.count)]
+  text_s = sample_cli.text_settings(config)
+  key, batch = jax.random.key(options.seed), max(1, min(options.batch_size, options.count))
+  result = {"tasks": {}, "count": options.count, "start": options.start, "split": "test",
+            "checkpoint": sampler.origin, "config": config.name, "settings": {}}
+  grid = None
+  for k, task in enumerate(options.tasks):
+    t0 = time.perf_counter()
+    task_key = jax.random.fold_in(key, k)
+    if task == "text":
+      res = eval_text(sampler, records, text_s, batch, task_key, text_format(config, options.text_format))
+    elif task == "mmu":
+      res = eval_mmu(sampler, records, text_s, batch, task_key, cot=mmu_cot(config))
+    else:
+      image_s = sample_cli.image_settings(config)
+      res, grid = eval_t2i(sampler, records, image_s, batch, task_key)
+      result["settings"]["image"] = dataclasses.asdict(image_s)
+    if task in ("text", "mmu"):
+      result["settings"]["text"] = dataclasses.asdict(text_s)
+    res["seconds"] = time.perf_counter() - t0
+    result["tasks"][task] = res
+    log(f"{task}: accuracy {res['accuracy']:.3f} on {res['count']} records ({res['seconds']:.1f} s)")
+  result["accuracy"] = {t: r["accuracy"] for t, r in result["tasks"].items()}
+  return result, grid
+
+
+def format_table(result: dict) -> str:
+  """Markdown table: one row per task and per kind inside it."""
+  rows = ["| task | kind | accuracy | records |", "| --- | --- | ---: | ---: |"]
+  for task, res in result["tasks"].items():
+    rows.append(f"| {task} | all | {res['accuracy']:.3f} | {res['count']} |")
+    for kind, sub in res["by_kind"].items():
+      rows.append(f"| {task} | {kind} | {sub['accuracy']:.3f} | {sub['count']} |")
+    if "format" in res:
+      rows.append(f"| {task} | `<think>` format | {res['format']:.3f} | {res['count']} |")
+  return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="mmada-jax eval", description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  p.add_argument("--params", help="mmada-jax parameter checkpoint of the backbone")
+  p.add_argument("--workdir", help="training run directory: parameters of its latest checkpoint")
+  p.add_argument("--step", type=int, help="with --workdir: this checkpoint step instead of the latest")
+  p.add_argument("--magvit", help="MAGVIT-v2 parameter checkpoint (default: data.image_tokenizer)")
+  p.add_argument("--tasks", help=f"comma-separated subset of {','.join(TASKS)} (default: all the checkpoint allows)")
+  p.add_argument("--count", type=int, default=200, help="test records per task")
+  p.add_argument("--start", type=int, default=0, help="first test record")
+  p.add_argument("--batch_size", type=int, default=16, help="rows per sampler call")
+  p.add_argument("--text_format", choices=TEXT_FORMATS, default="auto", help="prompt format of the text task")
+  p.add_argument("--seed", type=int, help="PRNG seed of the sampler noise (default: config seed)")
+  p.add_argument("--out", help="JSON output path (default: WORKDIR/eval/toyworld_step<N>.json or ./toyworld_eval.json)")
+  p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+  return p
+
+
+def _tasks(spec: str | None, config, magvit: str | None) -> tuple[str, ...]:
+  have_images = bool(magvit or config.data.image_tokenizer)
+  if spec is None:
+    return TASKS if have_images else ("text",)
+  tasks = tuple(t.strip() for t in spec.split(",") if t.strip())
+  unknown = [t for t in tasks if t not in TASKS]
+  if unknown or not tasks:
+    raise config_lib.ConfigError(f"--tasks: unknown task(s) {unknown} (known: {', '.join(TASKS)})")
+  if not have_images and any(t in ("mmu", "t2i") for t in tasks):
+    raise config_lib.ConfigError("--tasks mmu / t2i need the image tokenizer: pass --magvit CKPT or "
+                                 "--config.data.image_tokenizer=CKPT")
+  return tasks
+
+
+def _outputs(args, sampler_step: int | None) -> dict[str, str]:
+  if args.out:
+    json_path = args.out
+  elif args.workdir:
+    json_path = os.path.join(args.workdir, "eval", f"toyworld_step{sampler_step}.json")
+  else:
+    json_path = "toyworld_eval.json"
+  stem = json_path[:-5] if json_path.endswith(".json") else json_path
+  return {"json": json_path, "md": stem + ".md", "png": stem + "_t2i.png"}
+
+
+def _check_free(paths: dict[str, str], overwrite: bool) -> None:
+  taken = [p for p in paths.values() if os.path.exists(p)]
+  if taken and not overwrite:
+    raise config_lib.ConfigError(f"output exists: {', '.join(taken)} (choose --out elsewhere or pass --overwrite)")
+
+
+def main_eval(argv: list[str]) -> int:
+  """Entry point of `mmada-jax eval`; returns the exit status."""
+  from mmada_jax.diffusion import sample_cli
+  from mmada_jax.models import image_io
+
+  path, overrides, rest = config_lib.split_config_args(argv)
+  args = _parser().parse_args(rest)
+  if path is None:
+    raise config_lib.ConfigError("--config FILE is required (the experiment file the checkpoint was trained with)")
+  config = config_lib.load_config(path, overrides)
+  tasks = _tasks(args.tasks, config, args.magvit)
+  if args.count < 1 or args.batch_size < 1 or args.start < 0:
+    raise config_lib.ConfigError("--count and --batch_size must be >= 1, --start >= 0")
+  if (args.params is None) == (args.workdir is None):
+    raise config_lib.ConfigError("give the model weights with exactly one of --params CKPT or --workdir DIR")
+  step = args.step
+  if args.workdir and step is None:
+    steps = sample_cli.training_steps(args.workdir)
+    step = steps[-1] if steps else None
+  outputs = _outputs(args, step)
+  _check_free(outputs, args.overwrite)
+  log = lambda msg: print(msg, file=sys.stderr, flush=True)
+  sampler = sample_cli.Sampler.load(config, params=args.params, workdir=args.workdir, step=args.step,
+                                    magvit=args.magvit, need_images=any(t != "text" for t in tasks), log=log)
+  options = EvalOptions(tasks=tasks, count=args.count, start=args.start, batch_size=args.batch_size,
+                        seed=config.seed if args.seed is None else args.seed, text_format=args.text_format)
+  result, grid = evaluate(sampler, options, log=log)
+  table = format_table(result)
+  print(table)
+  os.makedirs(os.path.dirname(os.path.abspath(outputs["json"])), exist_ok=True)
+  with open(outputs["json"], "w") as f:
+    json.dump(result, f, indent=1)
+  with open(outputs["md"], "w") as f:
+    f.write(f"# ToyWorld evaluation: {result['checkpoint'].get('source')}\n\n{table}\n")
+  written = [outputs["json"], outputs["md"]]
+  if grid is not None:
+    written.append(image_io.save_grid(grid, outputs["png"], nrow=8))
+  log("wrote " + ", ".join(written))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main_eval(sys.argv[1:]))

@@ -1,0 +1,105 @@
+"""`mmada-jax eval` on a few ToyWorld test records with a tiny random model, and the math answer extractor."""
+
+import json
+import os
+
+import pytest
+
+from mmada_jax import config as config_lib
+from mmada_jax.data import toyworld as tw
+from mmada_jax.eval import answers, toyworld_eval as te
+from test_sample_cli import CONFIG, OVERRIDES, build_checkpoints, config_args, load_config
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+  return build_checkpoints(tmp_path_factory.mktemp("eval"))
+
+
+def test_eval_all_tasks_writes_json_markdown_and_grid(ckpts, capsys):
+  args = ["--workdir", ckpts["workdir"], "--magvit", ckpts["magvit"], "--count", "3", "--batch_size", "2"]
+  assert te.main_eval(args + config_args()) == 0
+  out = capsys.readouterr()
+  base = os.path.join(ckpts["workdir"], "eval", "toyworld_step7")
+  with open(base + ".json") as f:
+    result = json.load(f)
+  assert set(result["accuracy"]) == {"text", "mmu", "t2i"}
+  assert all(0.0 <= a <= 1.0 for a in result["accuracy"].values())
+  assert result["checkpoint"]["step"] == 7 and result["count"] == 3 and result["split"] == "test"
+  for task, res in result["tasks"].items():
+    assert res["count"] == 3 and sum(k["count"] for k in res["by_kind"].values()) == 3, task
+    assert 1 <= len(res["examples"]) <= 3
+  assert result["tasks"]["text"]["text_format"] == "chat" and 0.0 <= result["tasks"]["text"]["format"] <= 1.0
+  assert result["tasks"]["mmu"]["cot"] is True  # the cot stage trains CoT visual answers
+  assert result["settings"]["text"]["gen_length"] == 16 and result["settings"]["image"]["timesteps"] == 2
+  assert "| text | all |" in out.out and "| t2i | all |" in out.out
+  assert os.path.exists(base + ".md") and os.path.exists(base + "_t2i.png")
+  with pytest.raises(config_lib.ConfigError, match="output exists.*--overwrite"):
+    te.main_eval(args + config_args())
+
+
+def test_eval_plain_text_task_only(ckpts, tmp_path):
+  out = str(tmp_path / "r.json")
+  args = ["--params", ckpts["params"], "--tasks", "text", "--text_format", "plain", "--count", "2", "--out", out]
+  assert te.main_eval(args + config_args()) == 0
+  with open(out) as f:
+    result = json.load(f)
+  assert set(result["tasks"]) == {"text"} and result["tasks"]["text"]["text_format"] == "plain"
+  assert result["tasks"]["text"]["examples"][0]["prompt"].endswith(" is")
+  assert not os.path.exists(str(tmp_path / "r_t2i.png"))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tasks", "text,sound"], r"unknown task\(s\) \['sound'\]"),
+    (["--tasks", "mmu"], "need the image tokenizer"),
+    (["--count", "0"], "--count and --batch_size must be >= 1"),
+    ([], "exactly one of --params"),
+])
+def test_eval_errors(args, message):
+  with pytest.raises(config_lib.ConfigError, match=message):
+    te.main_eval(args + (["--params", "x"] if args else []) + config_args())
+
+
+def test_task_defaults_and_formats():
+  config = load_config()
+  assert te._tasks(None, config, None) == ("text",)  # no image tokenizer: text only
+  assert te._tasks(None, config, "magvit") == te.TASKS
+  assert te.text_format(config) == "chat" and te.mmu_cot(config)
+  stage1 = config_lib.load_config(CONFIG.replace(":cot", ":stage1"), OVERRIDES)
+  assert te.text_format(stage1) == "plain" and not te.mmu_cot(stage1)
+  record = tw.ToyWorld.from_config(config).example("test", 0, render_image=False)
+  prefix = te.plain_prefix(record)
+  assert record["lm_text"] == f"{prefix} {record['problem_answer']}."
+
+
+def test_padded_batches():
+  assert te.padded_batches(5, 2) == [[0, 1], [2, 3], [4, 4]]
+  assert te.padded_batches(2, 4) == [[0, 1, 1, 1]]
+
+
+@pytest.mark.parametrize("response,expected", [
+    ("<think>3+4=7</think>The answer is 7.", "7"),
+    ("<think>so 3+4=7 and 7*2=14</think>", None),  # nothing after the reasoning
+    ("Natalia sold 48/2 = 24 clips in May. 48+24 = 72 #### 72", "72"),
+    ("#### 1,200", "1200"),
+    ("It costs $18.00 in total.", "18"),
+    ("The temperature drops to -3 degrees", "-3"),
+    ("half: 0.5", "1/2"),
+    ("\\boxed{\\frac{2}{4}}", "1/2"),
+    ("so \\boxed{\\dfrac{3}{4}} and then 5", "3/4"),
+    ("\\boxed{72 \\text{ dollars}}", "72"),
+    ("\\boxed{x+1}", "x+1"),
+    ("#### no idea", "no idea"),
+    ("no number here", None),
+    ("<think>2 boxes of 3</think> 6 balls, i.e. 6", "6"),
+])
+def test_extract_answer(response, expected):
+  assert answers.extract_answer(response) == expected
+
+
+def test_answers_match_references():
+  assert answers.gold_answer("Half of 48 is 24.\n#### 1,024") == "1024"
+  assert answers.is_correct("<think>1000+24</think>1024", "#### 1,024")
+  assert answers.is_correct("\\boxed{0.75}", "\\frac{3}{4}")
+  assert not answers.is_correct("<think>24</think>", "24")
+  assert answers.normalize_number("$ 1,000.50") == "2001/2" and answers.normalize_number("abc") is None
