@@ -5,12 +5,17 @@ Variants (`experiments/toyworld.py:<stage>`):
   cot      Mix-CoT: t2i + chat/CoT text (answer-length normalisation) + CoT visual QA; coefficients 1.0 / 0.5 / 0.5
   text     stage1 with text only (no image tokenizer needed)
 
-Images are 64 px, tokenized by the ToyWorld MAGVIT-v2 (`experiments/magvit_toyworld.py`: 8 x 8 = 64 codes of 10
-bits); set `--config.data.image_tokenizer=PATH` to its checkpoint. The backbone is a 4-layer, d_model 128 LLaDA.
+Images are 64 px, tokenized by the ToyWorld MAGVIT-v2 of `experiments/magvit_toyworld.py` (its `magvit` section is
+used as is; 16 x 16 = 256 codes of 10 bits); set `--config.data.image_tokenizer=PATH` to its checkpoint
+(`mmada-jax demo` trains one). The backbone is a 4-layer, d_model 128 LLaDA.
 """
 
-from mmada_jax.config import get_base_config
+import os
+
+from mmada_jax.config import get_base_config, load_module
 from mmada_jax.tokens.vocab import apply_toy_vocab
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 VARIANTS = ("stage1", "cot", "text")
@@ -22,23 +27,25 @@ def get_config(arg: str | None = None):
     raise ValueError(f"toyworld: unknown stage {stage!r} (stage1, cot, text)")
   config = get_base_config()
   config.name = f"toyworld_{stage}"
-  apply_toy_vocab(config, codebook_size=1024, num_image_tokens=64)
+  tokenizer = load_module(os.path.join(HERE, "magvit_toyworld.py")).get_config()
+  config.magvit = tokenizer.magvit  # must describe the image tokenizer checkpoint given in data.image_tokenizer
+  apply_toy_vocab(config, codebook_size=tokenizer.vocab.codebook_size,
+                  num_image_tokens=tokenizer.vocab.num_image_tokens)
   m = config.model
   m.num_layers, m.d_model, m.num_heads, m.num_kv_heads, m.mlp_hidden = 4, 128, 4, 4, 384
   m.scan_layers, m.remat_policy = False, "none"  # unrolled is fastest on CPU at this size
-  g = config.magvit  # must describe the image tokenizer checkpoint given in data.image_tokenizer
-  g.resolution, g.channels, g.norm_groups = 64, 16, 8
-  g.encoder_channel_mult, g.encoder_num_res_blocks = (1, 2, 4, 8), (1, 1, 1, 1)
-  g.decoder_channel_mult, g.decoder_num_res_blocks = (1, 2, 4, 8), (1, 1, 1, 1)
   d = config.data
   d.max_text_len = 48
   d.toyworld.image_size = 64
   d.batch_size_t2i, d.batch_size_lm, d.batch_size_mmu = 8, 8, 8
   o = config.optimizer
-  o.learning_rate, o.warmup_steps, o.decay_steps, o.min_lr_scale = 1e-3, 50, 600, 0.1
+  o.learning_rate, o.warmup_steps, o.decay_steps, o.min_lr_scale = 1e-3, 30, 300, 0.1
   t = config.train
-  t.steps, t.log_every = 600, 20
-  config.checkpoint.save_every_steps = 200
+  t.steps, t.log_every, t.eval_every = 300, 10, 50
+  config.checkpoint.save_every_steps = 100
+  st = config.sampling  # ToyWorld answers are short: 64 tokens in 2 blocks of 32, one token per step
+  st.text.gen_length, st.text.block_length, st.text.steps = 64, 32, 64
+  st.image.timesteps, st.image.guidance_scale = 12, 2.0
   lc = config.loss
   if stage == "cot":
     lc.coeff_t2i, lc.coeff_lm, lc.coeff_mmu = 1.0, 0.5, 0.5

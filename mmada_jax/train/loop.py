@@ -53,10 +53,23 @@ def place_batch(local: dict, mesh, rules) -> dict:
 
 
 def initial_state(config, model, tx, mesh, rules, abstract, shardings, log: Callable[[str], None]):
-  """Random init, or `train.init_from` parameters (checked against the model shape)."""
+  """Random init, or `train.init_from` parameters (checked against the model shape).
+
+  `train.init_from` is a parameter checkpoint (converted official weights, `mmada-jax convert`) or another run's
+  workdir, whose latest checkpoint provides the parameters (the optimizer state starts afresh).
+  """
   if not config.train.init_from:
     return state_lib.create_state(model, tx, jax.random.key(config.seed), mesh, rules, shardings)
   path = config.train.init_from
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    previous = ckpt.TrainCheckpointer(os.path.join(path, "checkpoints"), config.checkpoint)
+    step = previous.latest_step()
+    if step is None:
+      raise ckpt.CheckpointError(f"train.init_from={path}: the run has no checkpoint yet")
+    state, _, _ = previous.restore(step, abstract)
+    previous.close()
+    log(f"initialised parameters from {path} (step {step})")
+    return state_lib.state_from_params(state.params, tx, shardings)
   meta = ckpt.read_metadata(path)
   layout = "stacked" if config.model.scan_layers else "unstacked"
   expected = {"layer_layout": layout, "model.num_layers": config.model.num_layers,
