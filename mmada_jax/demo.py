@@ -66,9 +66,9 @@ def held_out_curve(workdir: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="mmada-jax demo", description=__doc__.splitlines()[0])
   p.add_argument("--workdir", required=True)
-  p.add_argument("--magvit_steps", type=int, default=600)
-  p.add_argument("--stage1_steps", type=int, default=400)
-  p.add_argument("--cot_steps", type=int, default=150)
+  p.add_argument("--magvit_steps", type=int, default=150)
+  p.add_argument("--stage1_steps", type=int, default=100)
+  p.add_argument("--cot_steps", type=int, default=40)
   p.add_argument("--no_progress", action="store_true")
   a = p.parse_args(argv)
   log = lambda s: print(s, flush=True)
