@@ -107,3 +107,38 @@ def test_state_is_created_sharded(env):
   assert mu["wte"].sharding.spec == state.params["wte"].sharding.spec
   assert state.params["wte"].addressable_shards[0].data.shape[1] == config.model.d_model // 8
   assert jax.tree.structure(abstract) == jax.tree.structure(state)
+
+
+def test_accumulation_with_the_mmada_objective():
+  """The full objective (t2i + lm + mmu rows, exact-count image masks, answer-only masks): 4 x 1/4 = 1 x full."""
+  from mmada_jax.diffusion.losses import Objective
+
+  config = config_lib.load_config(TINY, {"data.max_text_len": "7"})
+  model = llada.build_model(config.model)
+  params = llada.init_params(model, jax.random.key(0))
+  length, rng = 24, np.random.default_rng(0)
+  batch = {}
+  for task in ("t2i", "lm", "mmu"):
+    ids = rng.integers(0, 228, size=(4, length))
+    prompt = np.zeros((4, length), np.int32)
+    if task == "t2i":  # text prefix (S + 1 = 8), then <soi>, image ids, <eoi>
+      ids[:, 8], ids[:, 9:-1], ids[:, -1] = 232, rng.integers(236, 300, size=(4, length - 10)), 233
+      prompt[:, :9] = 1
+      prompt[:, -1] = 1
+    elif task == "mmu":
+      prompt[:, :12] = 1
+    batch[task] = {"input_ids": jnp.asarray(ids, jnp.int32), "labels": jnp.asarray(ids, jnp.int32),
+                   "valid_mask": jnp.ones((4, length), jnp.int32), "prompt_mask": jnp.asarray(prompt)}
+  hooks = Objective(config, model)
+  sgd = optax.sgd(1.0)
+  out = []
+  for micro in (1, 4):
+    state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=sgd.init(params))
+    fn = jax.jit(step_lib.make_train_step(hooks, sgd, hooks.coefficients, micro, seed=5))
+    out.append(jax.device_get(fn(state, batch)))
+  (s1, m1), (s4, m4) = out
+  for key in ("loss", "loss_t2i", "loss_lm", "loss_mmu"):
+    np.testing.assert_allclose(m1[key], m4[key], rtol=1e-5, err_msg=key)
+  for key in ("masked_tokens_t2i", "masked_tokens_lm", "masked_tokens_mmu"):
+    assert m1[key] == m4[key] > 0, key
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6), s1.params, s4.params)
