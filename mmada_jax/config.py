@@ -15,6 +15,7 @@ Sections:
   train       the training loop (steps, gradient accumulation, logging, initialisation)
   checkpoint  where/how checkpoints are written
   sampling    sampler defaults: text (semi-autoregressive) and text-to-image (MaskGIT)
+  rl          UniGRPO reinforcement learning: rollouts, rewards, mask-ratio schedule, clipped objective
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def magvit_section() -> ConfigDict:
   g.train.warmup_steps = 100
   g.train.weight_decay = 1e-4
   g.train.grad_clip = 1.0
-  g.train.recon_loss = "l1"  # "l1" or "l2" on [-1, 1] pixels
+  g.train.recon_loss = "l2"  # "l2" or "l1" on [-1, 1] pixels (l1 learnt ToyWorld colours far more slowly)
   g.train.recon_weight = 1.0
   g.train.entropy_weight = 1.0  # scales the (already multiplied) LFQ entropy loss
   g.train.commit_weight = 1.0  # scales the (already multiplied) LFQ commitment loss
@@ -278,6 +279,57 @@ def checkpoint_section() -> ConfigDict:
   return c
 
 
+def rl_section() -> ConfigDict:
+  """UniGRPO reinforcement learning (mmada_jax/rl; specs/unigrpo.md). Defaults follow the spec's recommendations
+  (§2.7, §5 "recommended starting point"); every choice the paper leaves open is a key here."""
+  r = ConfigDict()
+  r.task = "text"  # rollouts: "text" (reasoning answers from the semi-autoregressive sampler)
+  r.prompt_source = "toyworld"  # "toyworld": ToyWorld arithmetic word problems in the CoT chat format
+  r.steps = 100  # RL steps (rollout batches); each takes inner_steps optimiser updates
+  r.prompts_per_step = 4  # Q prompts per rollout batch; rows B = Q * group_size (a multiple of the batch shards)
+  r.group_size = 8  # G responses per prompt
+  r.inner_steps = 4  # μ gradient steps per rollout batch, one mask-ratio iteration each (Algorithm 1)
+  r.masks_per_step = 1  # K masks per gradient step (1 = the paper; > 1 averages K masks, variance reduced)
+  r.estimator = "unigrpo"  # or "d1": every response token masked + prompt masking (diffu-GRPO baseline)
+  r.d1_prompt_mask_prob = 0.15  # d1: prompt tokens masked with this probability
+  r.schedule = "algorithm1"  # "algorithm1", "stratified_wrap", "iid", "range" (rl/schedule.py); d1 forces p = 1
+  r.schedule_T = 1000  # timesteps quantising the ratio (paper §5.2)
+  r.schedule_shared = False  # one ratio draw for the whole batch instead of one per response
+  r.ratio_range = (0.1, 0.9)  # "range" schedule bounds (dLLM-RL)
+  r.p_min = 0.0  # lower clamp of every mask ratio
+  r.mask_law = "exact"  # "exact" count (>= 1 token) or "bernoulli"
+  r.mask_tail = True  # positions after the first EOS may be masked in the input (the SFT convention)
+  r.loss_tail = "first_eos"  # loss positions: "first_eos" (up to and including the first EOS) or "all"
+  r.clip_low = 0.2  # ε_low: ratio clipped below at 1 - clip_low
+  r.clip_high = 0.2  # ε_high: ratio clipped above at 1 + clip_high
+  r.kl_beta = 0.04  # β of the k3 KL to the frozen reference (0 = no reference pass)
+  r.normalisation = "sample"  # "sample" (paper App. A.2) or "token" (d1 / IGPO)
+  r.seq_normaliser = "masked"  # sample-level divisor: |masked loss tokens| or "response" (|o_i|, literal Eq. 5)
+  r.adv_std = True  # divide by the group's population std (Eq. 15); False = mean-only (d1 / IGPO)
+  r.adv_eps = 1e-6  # std below this: advantage 0, group counted as zero-std
+  r.filter_zero_std = False  # give rows of zero-std groups weight 0
+  r.logratio_clamp = 0.0  # > 0: log-ratio clipped to [-c, c] before exp
+  r.logp_mode = "fold"  # how several masks are evaluated: "fold" (one pass), "vmap" or "map" (rl/objective.py)
+  r.micro_batches = 1  # gradient accumulation over row slices inside the policy step
+  r.prompt_len = 256  # prompts are left-padded to this static length (longer ones are an error)
+  r.gen_length = 256  # rollout sampler: response length C (text), block length, model calls, Gumbel temperature
+  r.block_length = 32
+  r.rollout_steps = 128
+  r.temperature = 1.0
+  r.remasking = "low_confidence"
+  r.rewards = ("correctness", "format")  # reward components (rl/rewards.py REWARDS)
+  r.reward_weights = (2.0, 0.5)  # one weight per component (paper: correctness 2.0, format 0.5)
+  r.format_strict = False  # "format": soft <think>...</think> search, or the strict layout check
+  r.clip_model_dir = ""  # local weights of the CLIP-score reward (required by the "clip" component)
+  r.image_reward_dir = ""  # local weights of the ImageReward reward (required by the "image_reward" component)
+  r.eval_prompts = 0  # held-out (test split) prompts scored greedily at the start, every eval_every steps, the end
+  r.eval_every = 0  # RL steps between held-out evaluations (0 = start and end only)
+  r.log_every = 1  # RL steps between metric lines
+  r.dump_every = 10  # RL steps between sample dumps (WORKDIR/samples.jsonl); 0 = never
+  r.dump_count = 4  # responses written per dump
+  return r
+
+
 def get_base_config() -> ConfigDict:
   """The full default config (official 8B shape); experiments override values."""
   config = ConfigDict()
@@ -293,6 +345,7 @@ def get_base_config() -> ConfigDict:
   config.train = train_section()
   config.checkpoint = checkpoint_section()
   config.sampling = sampling_section()
+  config.rl = rl_section()
   return config
 
 
@@ -499,6 +552,47 @@ def _validate_sampling(s: ConfigDict, errors: list[str]) -> None:
            f"must be 'cumulative' or 'linear', got {im.temperature_annealing!r}", errors)
 
 
+RL_CHOICES = {"task": ("text",), "prompt_source": ("toyworld",), "estimator": ("unigrpo", "d1"),
+              "schedule": ("algorithm1", "stratified_wrap", "iid", "range"), "mask_law": ("exact", "bernoulli"),
+              "loss_tail": ("first_eos", "all"), "normalisation": ("sample", "token"),
+              "seq_normaliser": ("masked", "response"), "logp_mode": ("fold", "vmap", "map"),
+              "remasking": ("low_confidence", "random")}
+
+
+def _validate_rl(config: ConfigDict, errors: list[str]) -> None:
+  r = config.rl
+  for key, choices in RL_CHOICES.items():
+    _require(r[key] in choices, f"rl.{key}", f"must be one of {choices}, got {r[key]!r}", errors)
+  for key in ("steps", "prompts_per_step", "group_size", "inner_steps", "masks_per_step", "schedule_T",
+              "micro_batches", "prompt_len", "gen_length", "block_length", "rollout_steps", "log_every",
+              "dump_count"):
+    _require(isinstance(r[key], int) and r[key] >= 1, f"rl.{key}", f"must be an integer >= 1, got {r[key]!r}", errors)
+  for key in ("eval_prompts", "eval_every", "dump_every"):
+    _require(isinstance(r[key], int) and r[key] >= 0, f"rl.{key}", f"must be an integer >= 0, got {r[key]!r}", errors)
+  rows = r.prompts_per_step * r.group_size
+  _require(rows % max(r.micro_batches, 1) == 0, "rl.micro_batches",
+           f"rl.prompts_per_step * rl.group_size = {rows} rows cannot be split into {r.micro_batches} micro-batches",
+           errors)
+  if isinstance(r.block_length, int) and r.block_length > 0:
+    _require(r.gen_length % r.block_length == 0, "rl.block_length",
+             f"rl.gen_length={r.gen_length} is not a multiple of rl.block_length={r.block_length}", errors)
+    blocks = max(r.gen_length // r.block_length, 1)
+    _require(r.rollout_steps % blocks == 0, "rl.rollout_steps",
+             f"{r.rollout_steps} is not a multiple of the number of blocks {blocks}", errors)
+  lo, hi = tuple(r.ratio_range) if len(tuple(r.ratio_range)) == 2 else (-1.0, -1.0)
+  _require(0.0 <= lo <= hi <= 1.0, "rl.ratio_range", f"must be (lo, hi) with 0 <= lo <= hi <= 1, got "
+           f"{tuple(r.ratio_range)}", errors)
+  _require(0.0 <= r.p_min <= 1.0, "rl.p_min", f"must be in [0, 1], got {r.p_min}", errors)
+  _require(0.0 <= r.d1_prompt_mask_prob < 1.0, "rl.d1_prompt_mask_prob", f"must be in [0, 1), got "
+           f"{r.d1_prompt_mask_prob}", errors)
+  _require(0.0 <= r.clip_low < 1.0 and r.clip_high >= 0.0, "rl.clip_low",
+           f"need 0 <= clip_low < 1 and clip_high >= 0, got {r.clip_low}, {r.clip_high}", errors)
+  for key in ("kl_beta", "adv_eps", "logratio_clamp", "temperature"):
+    _require(r[key] >= 0, f"rl.{key}", f"must be >= 0, got {r[key]}", errors)
+  _require(len(tuple(r.rewards)) > 0 and len(tuple(r.rewards)) == len(tuple(r.reward_weights)), "rl.reward_weights",
+           f"needs one weight per component of rl.rewards {tuple(r.rewards)}, got {tuple(r.reward_weights)}", errors)
+
+
 def validate(config: ConfigDict) -> ConfigDict:
   """Checks the whole config; raises ConfigError listing every problem with its key. Returns the config."""
   errors: list[str] = []
@@ -516,6 +610,8 @@ def validate(config: ConfigDict) -> ConfigDict:
   _validate_loss(config.loss, errors)
   _validate_train(config, errors)
   _validate_sampling(config.sampling, errors)
+  if "rl" in config:
+    _validate_rl(config, errors)
   from mmada_jax.parallel import rules  # local import: parallel depends on config, not the reverse
 
   errors.extend(rules.validate_sharding_config(config.sharding))

@@ -70,6 +70,8 @@ def tpu_devices(name: str, num_slices: int = 1) -> tuple[list, Chip]:
   chip, grid = parse_topology(name)
   # Without these libtpu probes the (absent) TPU metadata server and logs errors before falling back.
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  # Compile-only devices need no exclusive hold of a chip: don't fail when another process has libtpu loaded.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{chip.generation}-{math.prod(grid) * chip.cores_per_chip}")
   from jax.experimental import topologies
 
