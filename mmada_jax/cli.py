@@ -88,16 +88,21 @@ def cmd_convert(argv: list[str]) -> int:
   src = os.path.abspath(args.src)
   if os.path.isdir(os.path.join(src, "metadata")) and os.path.isdir(os.path.join(src, "params")):
     kind = ckpt.read_metadata(src).get("kind")
-    exporter = _exporters().get(kind)
-    if exporter is None:
+    if kind == "magvit":
+      from mmada_jax.convert import magvit
+
+      magvit.export_magvit(src, args.dst, config=config.magvit if config else None, overwrite=args.overwrite)
+      return 0
+    if kind != official.KIND:
       raise ckpt.CheckpointError(f"{src}: no exporter for checkpoint kind {kind!r}")
-    exporter(src, args.dst)
+    official.export_official(src, args.dst)
     return 0
   layout = args.layout or ("stacked" if config is None or config.model.scan_layers else "unstacked")
-  if _is_magvit_dir(src):
+  if _is_magvit_source(src):
     from mmada_jax.convert import magvit
 
-    magvit.convert_magvit_to_orbax(src, args.dst, overwrite=args.overwrite)
+    magvit.convert_magvit_to_orbax(src, args.dst, config=config.magvit if config else None,
+                                   overwrite=args.overwrite)
     return 0
   official.import_official(src, args.dst, layout=layout, model_config=config.model if config else None,
                            vocab_config=config.vocab if config else None, overwrite=args.overwrite,
@@ -105,28 +110,20 @@ def cmd_convert(argv: list[str]) -> int:
   return 0
 
 
-def _exporters() -> dict[str, Callable]:
-  from mmada_jax.convert import official
-
-  out = {official.KIND: official.export_official}
-  try:
-    from mmada_jax.convert import magvit
-
-    out["magvit"] = magvit.export_magvit
-  except ImportError:
-    pass
-  return out
-
-
-def _is_magvit_dir(src: str) -> bool:
-  """A MAGVIT-v2 checkpoint has encoder./decoder./quantize. keys instead of model.transformer. ones."""
+def _is_magvit_source(src: str) -> bool:
+  """A MAGVIT-v2 checkpoint (a file, or a directory holding one) has encoder./decoder. keys, not model.transformer."""
   from mmada_jax.convert import safetensors_io as st
 
-  if not os.path.isdir(src) or not any(n.endswith((".safetensors", ".bin")) for n in os.listdir(src)):
+  if os.path.isfile(src):
+    if src.endswith(".bin"):
+      return True  # pytorch_model.bin: only MAGVIT weights are accepted in that format
+    keys = list(st.SafetensorsFile(src).tensors)
+  elif os.path.isdir(src) and any(n.endswith((".safetensors", ".bin")) for n in os.listdir(src)):
+    if not any(n.endswith(".safetensors") for n in os.listdir(src)):
+      return True
+    keys = st.CheckpointDir(src).keys()
+  else:
     return False
-  if not any(n.endswith(".safetensors") for n in os.listdir(src)):
-    return True  # pytorch_model.bin: only MAGVIT weights are accepted in that format
-  keys = st.CheckpointDir(src).keys()
   return any(k.startswith("encoder.") for k in keys) and not any(k.startswith("model.") for k in keys)
 
 

@@ -178,3 +178,16 @@ def test_resize_vocab_for_stage_1_1(tmp_path):
   assert back["embedding_size"] == 320 and back["n_layers"] == 2
   f = st.CheckpointDir(str(tmp_path / "out"))
   assert f.info("model.transformer.ff_out.weight").shape == (320, 64)
+
+
+def test_cli_convert_magvit_both_ways(tmp_path):
+  src = tmp_path / "magvit"
+  src.mkdir()
+  shutil.copyfile(SET / "magvit_tiny.safetensors", src / "model.safetensors")
+  assert cli.main(["convert", str(src), str(tmp_path / "ck")]) == 0
+  assert ckpt.read_metadata(str(tmp_path / "ck"))["kind"] == "magvit"
+  assert cli.main(["convert", str(tmp_path / "ck"), str(tmp_path / "out")]) == 0
+  written = [p for p in (tmp_path / "out").iterdir() if p.suffix == ".safetensors"]
+  assert len(written) == 1 and written[0].read_bytes() == (SET / "magvit_tiny.safetensors").read_bytes()
+  # a bare file works too
+  assert cli.main(["convert", str(SET / "magvit_tiny.safetensors"), str(tmp_path / "ck2")]) == 0
