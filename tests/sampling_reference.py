@@ -11,6 +11,7 @@ import re
 import shutil
 
 import numpy as np
+import pytest
 
 import reference
 from mmada_jax import checkpoint as ckpt
@@ -329,3 +330,18 @@ def write_other_sets(directory: pathlib.Path) -> None:
                  cfg_scale=1.0)],
       t2i=dict(batch=3, max_text_len=4, n_image=9,
                runs=[dict(name="t1_cfg3_temp1", timesteps=4, guidance=3.0, temperature=1.0)]))
+
+
+@pytest.fixture(scope="module")
+def backbones(tmp_path_factory):
+  """get(directory, stem, layout) -> (model, params, config) of a converted fixture backbone, cached per module."""
+  cache = {}
+
+  def get(directory, stem, layout="stacked"):
+    if (directory, stem, layout) not in cache:
+      if not (directory / f"{stem}.safetensors").exists():
+        pytest.fail(f"{directory}: the sampler set needs {stem}.safetensors and {stem}_config.json")
+      cache[directory, stem, layout] = load_backbone(directory, stem, tmp_path_factory.mktemp(stem), layout)
+    return cache[directory, stem, layout]
+
+  return get

@@ -16,6 +16,7 @@ import pytest
 
 import sampling_reference as sr
 from conftest import FIXTURES, parity_dir
+from sampling_reference import backbones  # noqa: F401  (fixture shared by the sampler tests)
 from mmada_jax.diffusion import sampling_image as si
 
 KIND = "t2i_generate"
@@ -23,20 +24,6 @@ SETS = sr.sampler_sets(parity_dir(), KIND)
 HERE = os.path.dirname(os.path.abspath(__file__))
 STORED = {"codes": "output", "final_input_ids": "final_input_ids", "trace_input_ids": "trace_input_ids",
           "masking": "masking", "mask_len": "mask_len", "temperature": "temperature"}
-
-
-@pytest.fixture(scope="module")
-def backbones(tmp_path_factory):
-  cache = {}
-
-  def get(directory, stem, layout="stacked"):
-    if (directory, stem, layout) not in cache:
-      if not (directory / f"{stem}.safetensors").exists():
-        pytest.fail(f"{directory}: the sampler set needs {stem}.safetensors and {stem}_config.json")
-      cache[directory, stem, layout] = sr.load_backbone(directory, stem, tmp_path_factory.mktemp(stem), layout)
-    return cache[directory, stem, layout]
-
-  return get
 
 
 @pytest.fixture(scope="module")

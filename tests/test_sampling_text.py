@@ -18,25 +18,12 @@ import pytest
 
 import sampling_reference as sr
 from conftest import FIXTURES, parity_dir
+from sampling_reference import backbones  # noqa: F401  (fixture shared by the sampler tests)
 from mmada_jax.diffusion import sampling_text as st
 
 KIND = "text_generate"
 SETS = sr.sampler_sets(parity_dir(), KIND)
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-@pytest.fixture(scope="module")
-def backbones(tmp_path_factory):
-  cache = {}
-
-  def get(directory, stem, layout="stacked"):
-    if (directory, stem, layout) not in cache:
-      if not (directory / f"{stem}.safetensors").exists():
-        pytest.fail(f"{directory}: the sampler set needs {stem}.safetensors and {stem}_config.json")
-      cache[directory, stem, layout] = sr.load_backbone(directory, stem, tmp_path_factory.mktemp(stem), layout)
-    return cache[directory, stem, layout]
-
-  return get
 
 
 @pytest.fixture(scope="module")
