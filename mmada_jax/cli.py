@@ -3,6 +3,7 @@
   mmada-jax demo    --workdir DIR            (ToyWorld end to end on CPU)
   mmada-jax info    --config experiments/mmada_8b.py [--config.model.num_layers=4 ...]
   mmada-jax train   --config experiments/... --workdir DIR [--init_from CKPT] [--config.key=value ...]
+  mmada-jax rl      --config experiments/toyworld_rl.py --workdir DIR
   mmada-jax sample  text|t2i|mmu|bench --config ... (--params CKPT | --workdir DIR) ...
   mmada-jax eval    --config experiments/toyworld.py:cot (--params CKPT | --workdir DIR)
   mmada-jax compile --config experiments/... --topology v5p-128 [--num_slices 2]
@@ -150,6 +151,13 @@ def cmd_train(argv: list[str]) -> int:
   return 0
 
 
+def cmd_rl(argv: list[str]) -> int:
+  """UniGRPO post-training (rollouts, rewards, the vmapped policy step); rerunning the same workdir resumes."""
+  from mmada_jax.rl import loop as rl_loop
+
+  return rl_loop.main_rl(argv)
+
+
 def cmd_compile(argv: list[str]) -> int:
   """AOT-compiles the train step for a TPU topology; exit status 3 when it does not fit in HBM."""
   config, rest = _load(argv)
@@ -219,7 +227,7 @@ def cmd_toyworld(argv: list[str]) -> int:
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {"info": cmd_info, "convert": cmd_convert, "train": cmd_train,
-                                                    "compile": cmd_compile, "sample": cmd_sample, "eval": cmd_eval,
+                                                    "rl": cmd_rl, "compile": cmd_compile, "sample": cmd_sample, "eval": cmd_eval,
                                                     "toyworld": cmd_toyworld, "demo": cmd_demo}
 
 
