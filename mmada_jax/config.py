@@ -286,6 +286,8 @@ def rl_section() -> ConfigDict:
   r.task = "text"  # rollouts: "text" (reasoning answers from the semi-autoregressive sampler)
   r.prompt_source = "toyworld"  # "toyworld": ToyWorld arithmetic word problems in the CoT chat format
   r.steps = 100  # RL steps (rollout batches); each takes inner_steps optimiser updates
+  r.seed = 0  # RL randomness (prompt order, rollouts, schedules, masks); vary this, not `seed`, across RL seeds: `seed`
+  #            also fixes the ToyWorld data and hence its trained tokenizer, which must match the starting checkpoint
   r.prompts_per_step = 4  # Q prompts per rollout batch; rows B = Q * group_size (a multiple of the batch shards)
   r.group_size = 8  # G responses per prompt
   r.inner_steps = 4  # μ gradient steps per rollout batch, one mask-ratio iteration each (Algorithm 1)
@@ -567,7 +569,7 @@ def _validate_rl(config: ConfigDict, errors: list[str]) -> None:
               "micro_batches", "prompt_len", "gen_length", "block_length", "rollout_steps", "log_every",
               "dump_count"):
     _require(isinstance(r[key], int) and r[key] >= 1, f"rl.{key}", f"must be an integer >= 1, got {r[key]!r}", errors)
-  for key in ("eval_prompts", "eval_every", "dump_every"):
+  for key in ("seed", "eval_prompts", "eval_every", "dump_every"):
     _require(isinstance(r[key], int) and r[key] >= 0, f"rl.{key}", f"must be an integer >= 0, got {r[key]!r}", errors)
   rows = r.prompts_per_step * r.group_size
   _require(rows % max(r.micro_batches, 1) == 0, "rl.micro_batches",

@@ -7,7 +7,8 @@ One RL step (Algorithm 1, specs/unigrpo.md §2.1, §6.1):
   3. on the host: decode, rewards (`rewards.RewardModel`), group-normalised advantages, zero-std groups;
   4. the mask-ratio schedule `[μ, K, B]` and, on device, the old and reference log-probabilities of every mask;
   5. μ policy steps n = 0..μ−1 (one compiled program, n traced).
-Keys: rollout key = fold_in(key(seed), rl_step), so a resumed run repeats exactly what an uninterrupted run does.
+Keys: rollout key = fold_in(key(rl.seed), rl_step), so a resumed run repeats exactly what an uninterrupted run does.
+(`rl.seed`, not `seed`, varies RL runs: `seed` also fixes the ToyWorld data, hence its tokenizer.)
 
 Rerunning the same workdir resumes from its latest checkpoint: policy parameters and optimiser state (Orbax,
 `checkpoints/<rl_step>/state`), and in its JSON item the prompt iterator state, the RL step, the seed and the
@@ -56,7 +57,7 @@ class ToyWorldPrompts:
   def __init__(self, config, tokenizer, split: str = "train"):
     self.world = tw.ToyWorld.from_config(config)
     self.vocab = vocab_lib.Vocab.from_config(config.vocab)
-    self.tokenizer, self.split, self.seed = tokenizer, split, int(config.seed)
+    self.tokenizer, self.split, self.seed = tokenizer, split, int(config.rl.seed)
     self.count = int(config.data.toyworld[f"num_{split}"])
     if self.count < 1:
       raise ValueError(f"data.toyworld.num_{split} must be >= 1 for RL prompts")
@@ -289,7 +290,7 @@ def rl_step(run: RLRun) -> tuple[dict, list[dict]]:
   """Rollout → rewards → precompute → μ policy steps. Returns (metrics, dumped samples with their rewards)."""
   r = run.config.rl
   q, g, mu = int(r.prompts_per_step), int(r.group_size), int(r.inner_steps)
-  key = jax.random.fold_in(jax.random.key(int(run.config.seed)), run.rl_step)
+  key = jax.random.fold_in(jax.random.key(int(r.seed)), run.rl_step)
   records = [rec for rec in run.prompts.next(q) for _ in range(g)]
   t0 = time.perf_counter()
   roll = rollout(run, records, jax.random.fold_in(key, ROLLOUT_TAG))
@@ -351,7 +352,7 @@ def _save(run: RLRun, force: bool) -> None:
   own = os.path.join(os.path.abspath(run.workdir), REFERENCE_DIR)
   handle = REFERENCE_DIR if run.ref_handle == own else run.ref_handle  # the workdir may move
   data = {"prompts": run.prompts.get_state(), "rl_step": run.rl_step, "reference": handle,
-          "rng": {"seed": int(run.config.seed), "rl_step": run.rl_step}}
+          "rng": {"rl.seed": int(run.config.rl.seed), "rl_step": run.rl_step}}
   run.checkpointer.save(run.rl_step, run.state, data, train_loop.config_json(run.config), force=force)
 
 
