@@ -9,6 +9,7 @@
   mmada-jax compile --config experiments/... --topology v5p-128 [--num_slices 2]
   mmada-jax convert SRC DST [--layout stacked|unstacked] [--config FILE] [--overwrite]
   mmada-jax toyworld build|check|tokenizer [--config FILE] [...]
+  mmada-jax prepare --config ... --source SPEC --out DIR   (image(+text) -> ArrayRecord shards of token ids)
 
 `convert` looks at SRC: an official Hugging Face directory (config.json + *.safetensors) is imported into an Orbax
 parameter checkpoint at DST; an mmada-jax parameter checkpoint is exported to an official directory at DST.
@@ -219,6 +220,13 @@ def cmd_demo(argv: list[str]) -> int:
   return demo.main(argv)
 
 
+def cmd_prepare(argv: list[str]) -> int:
+  """Pre-tokenises an image(+text) source into ArrayRecord shards of token ids (resumable, with a manifest)."""
+  from mmada_jax.data import prepare
+
+  return prepare.main_prepare(argv)
+
+
 def cmd_toyworld(argv: list[str]) -> int:
   """ToyWorld data set: `build` (ArrayRecord splits), `check` (image checker accuracy), `tokenizer`."""
   from mmada_jax.data import toyworld_tfds
@@ -228,7 +236,8 @@ def cmd_toyworld(argv: list[str]) -> int:
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {"info": cmd_info, "convert": cmd_convert, "train": cmd_train,
                                                     "rl": cmd_rl, "compile": cmd_compile, "sample": cmd_sample, "eval": cmd_eval,
-                                                    "toyworld": cmd_toyworld, "demo": cmd_demo}
+                                                    "toyworld": cmd_toyworld, "demo": cmd_demo,
+                                                    "prepare": cmd_prepare}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -242,6 +242,9 @@ def train_section() -> ConfigDict:
   t.log_every = 10  # steps between metric lines (JSONL, TensorBoard, progress bar)
   t.eval_every = 0  # steps between held-out loss evaluations (0 = only at the end)
   t.eval_batches = 4  # held-out batches per evaluation
+  t.sample_every = 0  # ToyWorld runs: steps between generation evals + sample grids in WORKDIR/samples (0 = off)
+  t.sample_count = 32  # held-out records per task in those evals
+  t.sample_tasks = ""  # comma-separated subset of text, mmu, t2i ("" = the tasks the run trains)
   t.init_from = ""  # parameter checkpoint (converted official weights or another run) to start from
   t.tensorboard = True  # write TensorBoard event files to WORKDIR/tensorboard (needs tensorboardX)
   t.peak_tflops = 0.0  # per-device peak for the MFU estimate; 0 = from the device kind's data sheet / a CPU measurement
@@ -260,6 +263,7 @@ def sampling_section() -> ConfigDict:
   s.text.remasking = "low_confidence"  # or "random"
   s.text.stop_at_eot = False  # stop after a block ending in vocab.eot_id in every row (official mmu_generate_fast)
   s.text.threshold = 0.0  # > 0: confidence-threshold parallel decoding (approximate; steps then ignored)
+  s.text.dual_cache = False  # approximate key/value cache of the frozen prefix/suffix, refreshed per block
   s.image = ConfigDict()
   s.image.timesteps = 15  # official demos: 15 steps, guidance 3.5, T0 = 1, cosine (§5.2)
   s.image.guidance_scale = 3.5  # (1 + g) cond - g uncond
@@ -447,7 +451,8 @@ def _validate_magvit(g: ConfigDict, vocab: ConfigDict, errors: list[str]) -> Non
            errors)
 
 
-DATA_SOURCE_KINDS = ("toyworld", "tfds", "jsonl", "gsm8k", "parquet", "images", "wds", "llava")  # data/sources.py
+DATA_SOURCE_KINDS = ("toyworld", "tfds", "jsonl", "gsm8k", "parquet", "images", "wds", "llava",
+                     "tokens")  # data/sources.py
 
 
 def _validate_data(d: ConfigDict, vocab: ConfigDict, errors: list[str]) -> None:
@@ -504,6 +509,15 @@ def _validate_train(config: ConfigDict, errors: list[str]) -> None:
     _require(rows % t.micro_batches == 0, f"data.batch_size_{task}",
              f"{rows} rows cannot be split into train.micro_batches={t.micro_batches} equal micro-batches", errors)
   _require(t.log_every > 0, "train.log_every", f"must be positive, got {t.log_every}", errors)
+  _require(isinstance(t.sample_every, int) and t.sample_every >= 0, "train.sample_every",
+           f"must be an integer >= 0 (0 = off), got {t.sample_every!r}", errors)
+  _require(t.sample_count >= 1, "train.sample_count", f"must be >= 1, got {t.sample_count}", errors)
+  if t.sample_every:
+    other = [f"data.{k}_sources={tuple(config.data[k + '_sources'])}" for k in ("t2i", "lm", "mmu")
+             if config.data.get(f"batch_size_{k}", 0) and
+             not all(str(s).startswith(("toyworld", "tokens:")) for s in config.data[k + "_sources"])]
+    _require(not other, "train.sample_every", "generation evals during training score ToyWorld held-out answers; not "
+             f"ToyWorld data: {', '.join(other)} (set train.sample_every=0)", errors)
   _require(c.save_every_steps > 0, "checkpoint.save_every_steps", f"must be positive, got {c.save_every_steps}", errors)
   _require(c.keep >= 1, "checkpoint.keep", f"must be >= 1, got {c.keep}", errors)
 

@@ -103,3 +103,42 @@ def test_answers_match_references():
   assert answers.is_correct("\\boxed{0.75}", "\\frac{3}{4}")
   assert not answers.is_correct("<think>24</think>", "24")
   assert answers.normalize_number("$ 1,000.50") == "2001/2" and answers.normalize_number("abc") is None
+
+
+def test_periodic_sampler_matches_eval_cli_and_writes_files(ckpts, tmp_path):
+  """The in-training generation eval (`train.sample_every`) scores like `mmada-jax eval` on the same parameters."""
+  import jax
+
+  from mmada_jax import checkpoint as ckpt
+  from mmada_jax.eval import periodic
+  from mmada_jax.models import llada
+
+  config = load_config(**{"data.image_tokenizer": ckpts["magvit"], "train.sample_every": "5",
+                          "train.sample_count": "3"})
+  assert periodic.sample_tasks(config) == ("text", "mmu", "t2i")  # the cot stage trains all three
+  params, _ = ckpt.load_params(ckpts["params"], as_numpy=True)
+  sampler = periodic.PeriodicSampler(config, llada.build_model(config.model), str(tmp_path), log=lambda _: None)
+  assert sampler.due(5, 12) and sampler.due(12, 12) and not sampler.due(6, 12)
+  scores = sampler(5, jax.device_put(params))
+  assert set(scores) == {"sample_acc_text", "sample_acc_mmu", "sample_acc_t2i"}
+  for ext in ("json", "md", "png"):
+    assert os.path.exists(tmp_path / "samples" / f"step5.{ext}"), ext
+  out = str(tmp_path / "cli.json")
+  args = ["--params", ckpts["params"], "--magvit", ckpts["magvit"], "--count", "3", "--batch_size", "3", "--out", out]
+  assert te.main_eval(args + config_args()) == 0
+  with open(out) as f:
+    cli = json.load(f)
+  assert {f"sample_acc_{t}": a for t, a in cli["accuracy"].items()} == scores
+  with open(tmp_path / "samples" / "step5.json") as f:
+    assert [e["answer"] for e in json.load(f)["tasks"]["text"]["examples"]] == \
+        [e["answer"] for e in cli["tasks"]["text"]["examples"]]
+
+
+def test_periodic_sampler_task_errors():
+  from mmada_jax.eval import periodic
+
+  with pytest.raises(ValueError, match="need images"):
+    periodic.sample_tasks(load_config(**{"train.sample_every": "5"}))
+  assert periodic.sample_tasks(load_config(**{"train.sample_every": "5", "train.sample_tasks": "text"})) == ("text",)
+  with pytest.raises(ValueError, match=r"unknown task\(s\) \['audio'\]"):
+    periodic.sample_tasks(load_config(**{"train.sample_tasks": "text,audio"}))

@@ -13,6 +13,10 @@ proportional to its weight (the stage-2.2 mixtures of mmada-official.md §4.6 ch
 `MixedBatchIterator` yields `{"t2i": {...}, "lm": {...}, "mmu": {...}}` of `[rows, L]` int32 arrays (the layouts of
 `tokens/prompting.py`); its `get_state()` is a JSON-able dict, and `set_state()` on a fresh iterator resumes with
 exactly the next batch. `statistics()` reports records used, skipped (by reason) and converted per source.
+
+Images are encoded online by the `image_encoder` given to `build_iterator` (small jobs), or ahead of training by
+`mmada-jax prepare` (`data/prepare.py`, DESIGN.md Decision 8): a `tokens:DIR` source reads its shards of MAGVIT codes
+and text ids, checks that they were made with the config's tokenizers, and builds the same layouts without encoding.
 """
 
 from __future__ import annotations
@@ -164,6 +168,8 @@ def _to_example(raw: dict, ctx: Context) -> dict:
       raise src_lib.BadRecordError(rid, "missing image", "LLaVA sample without 'image'")
     ex = _row_example({"conversations": item.get("conversations", []), "image": item["image"], "dir": raw["dir"]},
                       ctx, rid)
+  elif ctx.kind == "tokens":  # written by `mmada-jax prepare`: text ids and image codes, no decoding
+    ex = dict(text=_s(raw.get("text", "")), text_ids=raw["text_ids"], codes=raw["image_codes"])
   elif ctx.kind == "tfds":
     caption = _s(raw.get("label_name", raw.get("caption", raw.get("text"))))
     if isinstance(caption, str):
@@ -188,20 +194,51 @@ def _read_caption(path: str, rid: str) -> str:
 
 
 def _image_codes(ex: dict, ctx: Context, notes: list[str]) -> np.ndarray:
-  n = ctx.prompter.num_image_tokens
   if ex.get("codes") is not None:
-    codes = np.asarray(ex["codes"]).astype(np.int64).reshape(-1)
+    codes = ex["codes"]
   else:
     if ctx.image_encoder is None:
       raise ValueError(f"{ctx.task} source '{ctx.kind}' yields pixels and no image_encoder was given: pass one "
-                       f"(MAGVIT-v2 encode) or prepare records with 'image_codes' (DESIGN.md Decision 8)")
-    image = src_lib.decode_image(ex["image"], ex["id"], ctx.resolution, notes)
-    codes = np.asarray(ctx.image_encoder(image)).reshape(-1)
+                       f"(MAGVIT-v2 encode), prepare the source with `mmada-jax prepare` and read it as 'tokens:DIR', "
+                       f"or use records with 'image_codes' (DESIGN.md Decision 8)")
+    codes = ctx.image_encoder(src_lib.decode_image(ex["image"], ex["id"], ctx.resolution, notes))
+  return check_image_codes(codes, ex["id"], ctx)
+
+
+def check_image_codes(codes: Any, record_id: str, ctx: Context) -> np.ndarray:
+  """`[N]` int64 codes, or BadRecordError when the count or a value does not fit the config's vocab."""
+  n = ctx.prompter.num_image_tokens
+  codes = np.asarray(codes).astype(np.int64).reshape(-1)
   if codes.shape != (n,) or codes.min() < 0 or codes.max() >= ctx.prompter.vocab.codebook_size:
-    raise src_lib.BadRecordError(ex["id"], "bad image codes",
+    raise src_lib.BadRecordError(record_id, "bad image codes",
                                  f"expected {n} codes in [0, {ctx.prompter.vocab.codebook_size}), got shape "
                                  f"{codes.shape}")
   return codes
+
+
+def _text_ids(ex: dict, ctx: Context) -> list[int]:
+  """The token ids of an example's text: pre-computed ones (`tokens:` sources) or the tokenizer's."""
+  if ex.get("text_ids") is not None:
+    return np.asarray(ex["text_ids"], np.int64).reshape(-1).tolist()
+  return ctx.tokenizer.encode(ex["text"])
+
+
+def image_example(raw: dict, ctx: Context, notes: list[str]) -> dict[str, Any]:
+  """The per-epoch-independent part of an image-task record, what `mmada-jax prepare` stores (raises BadRecordError).
+
+  Returns:
+    `{"id", "text", "text_ids": list[int]}` plus `"codes"` `[N]` (records that carry codes) or `"image"` uint8
+    `[resolution, resolution, 3]` (decoded and cropped exactly as the online encoder receives it).
+  """
+  if ctx.task not in ("t2i", "mmu"):
+    raise ValueError(f"image_example: task {ctx.task!r} has no images (t2i or mmu)")
+  ex = _to_example(raw, ctx)
+  out = {"id": ex["id"], "text": ex["text"], "text_ids": _text_ids(ex, ctx)}
+  if ex.get("codes") is not None:
+    out["codes"] = check_image_codes(ex["codes"], ex["id"], ctx)
+  else:
+    out["image"] = src_lib.decode_image(ex["image"], ex["id"], ctx.resolution, notes)
+  return out
 
 
 def _text_window(text: str, ctx: Context, rng: np.random.Generator) -> str:
@@ -222,7 +259,7 @@ def _layout(ex: dict, ctx: Context, rng: np.random.Generator, notes: list[str]) 
     if not ex.get("plain") and len(ids) + 2 > p.seq_len:  # official chat loaders drop over-long conversations
       raise src_lib.BadRecordError(ex["id"], "too long", f"{len(ids)} tokens > {p.seq_len - 2}")
     return p.lm_chat(ids)
-  ids = ctx.tokenizer.encode(ex["text"])
+  ids = _text_ids(ex, ctx)
   codes = _image_codes(ex, ctx, notes)
   if ctx.task == "mmu":
     return p.mmu(codes, ids)
@@ -318,8 +355,10 @@ def open_source(spec: str, task: str, config, split: str = "train"):
   if kind == "llava":
     path, _, root = arg.partition(":")
     return src_lib.LlavaSource(path, root or None), kind, ""
+  if kind == "tokens":
+    return src_lib.TokenShardSource(arg), kind, ""
   raise ValueError(f"unknown source kind {kind!r} in {spec!r}; expected toyworld, tfds, jsonl, gsm8k, parquet, "
-                   f"images, wds or llava")
+                   f"images, wds, llava or tokens")
 
 
 def source_dataset(source, ctx: Context, *, name: str, seed: int, batch_size: int, process_index: int,
@@ -437,7 +476,7 @@ def build_iterator(config, tokenizer: tt.TextTokenizer, image_encoder: ImageEnco
   Args:
     tokenizer: the text tokenizer (its vocab must be the config's).
     image_encoder: `[H, W, 3]` uint8 -> `[N]` codes, for sources that yield pixels (ToyWorld, image files); records
-      with `image_codes` need none.
+      with `image_codes` and `tokens:DIR` sources (checked against the config and `tokenizer`) need none.
     process_index, process_count: this host and the number of hosts (default: from JAX).
     read_options: grain read threads / prefetch (default: `data.read_threads`, `data.prefetch_buffer`).
   """
@@ -461,6 +500,9 @@ def build_iterator(config, tokenizer: tt.TextTokenizer, image_encoder: ImageEnco
     names, datasets = [], []
     for k, spec in enumerate(d[f"{task}_sources"]):
       source, kind, variant = open_source(spec, task, config, split)
+      if kind == "tokens":
+        from mmada_jax.data import prepare  # pylint: disable=import-outside-toplevel
+        prepare.check_prepared(source.manifest, config, task, tokenizer, where=f"data.{task}_sources {spec!r}")
       ctx = make_context(config, task, kind, variant, tokenizer, image_encoder)
       names.append(f"{k}:{spec}")
       datasets.append(source_dataset(source, ctx, name=f"{task}/{spec}", seed=_source_seed(config.seed, task, k),

@@ -19,6 +19,8 @@ Source specs (`config.data.*_sources`), "kind:argument":
   wds:GLOB                   webdataset tar shards (members `key.jpg|png|webp` + `key.txt|caption|json`)
   llava:JSON[:IMAGE_ROOT]    LLaVA-style instruction JSON (`image`, `conversations` from human / gpt)
   gsm8k:PATH                 GSM8K-style JSONL (`question`, `answer` ending in `#### <number>`)
+  tokens:DIR                 ArrayRecord shards of token ids written by `mmada-jax prepare` (data/prepare.py): each
+                             record holds the text ids and MAGVIT-v2 codes of one image-task example, no pixels
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import numpy as np
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 CAPTION_EXTS = (".txt", ".caption", ".json")
+TOKENS_FORMAT = "mmada-jax-tokens"  # the manifest of a `tokens:` directory (data/prepare.py)
+TOKENS_MANIFEST = "manifest.json"
 
 
 class BadRecordError(ValueError):
@@ -48,6 +52,10 @@ class BadRecordError(ValueError):
 
 class EmptyDataError(ValueError):
   """A source has no records at all."""
+
+
+class PreparedDataError(ValueError):
+  """A `tokens:` directory is unfinished, damaged, or was prepared with other tokenizers than the config's."""
 
 
 def expand(pattern: str) -> list[str]:
@@ -270,6 +278,71 @@ def read_label_file(path: str, num_classes: int = 0) -> list[str]:
   if missing:
     raise ValueError(f"{path}: no description for class indices {missing[:10]}")
   return [names[i] for i in range(count)]
+
+
+class TokenShardSource:
+  """The records of a directory written by `mmada-jax prepare` (see `data/prepare.py` for the format).
+
+  Only a finished preparation is read (the manifest says `complete`); shards without records are left out. Records:
+  `{"id", "index", "text", "text_ids": int32 [T], "image_codes": [N]}`. `manifest` is the parsed manifest.json.
+  """
+
+  def __init__(self, root: str):
+    import grain  # pylint: disable=import-outside-toplevel
+
+    self.root = os.path.abspath(os.path.expanduser(root))
+    self.manifest = read_token_manifest(self.root)
+    shards = self.manifest["shards"]
+    if not self.manifest.get("complete"):
+      raise PreparedDataError(f"{self.root}: the preparation did not finish ({len(shards)} of "
+                              f"{self.manifest['num_shards']} shards); rerun the same `mmada-jax prepare` command to "
+                              f"complete it")
+    files = [os.path.join(self.root, s["file"]) for s in shards if s["records"]]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+      raise PreparedDataError(f"{self.root}: shard files listed in {TOKENS_MANIFEST} are missing: {missing[:3]}")
+    self.source = grain.sources.ArrayRecordDataSource(files) if files else None
+    count = len(self.source) if files else 0
+    if count != self.manifest["records"]:
+      raise PreparedDataError(f"{self.root}: the shards hold {count} records, {TOKENS_MANIFEST} says "
+                              f"{self.manifest['records']}")
+
+  def __len__(self) -> int:
+    return self.manifest["records"]
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return decode_token_record(self.source[index])
+
+  def __repr__(self) -> str:
+    return f"TokenShardSource({self.root}, {len(self)} records)"
+
+
+def read_token_manifest(root: str) -> dict[str, Any]:
+  """The manifest of a prepared directory; PreparedDataError when there is none or it is not ours."""
+  path = os.path.join(root, TOKENS_MANIFEST)
+  if not os.path.isfile(path):
+    raise PreparedDataError(f"{root} is not a directory prepared by `mmada-jax prepare` (no {TOKENS_MANIFEST})")
+  try:
+    with open(path, encoding="utf-8") as fh:
+      manifest = json.load(fh)
+  except (OSError, json.JSONDecodeError) as e:
+    raise PreparedDataError(f"{path}: unreadable manifest ({e})") from e
+  if not isinstance(manifest, dict) or manifest.get("format") != TOKENS_FORMAT:
+    raise PreparedDataError(f"{path}: not a {TOKENS_FORMAT} manifest")
+  return manifest
+
+
+def encode_token_record(record: dict[str, Any]) -> bytes:
+  """One prepared record -> bytes: a msgpack map (flax.serialization; arrays keep dtype and shape)."""
+  from flax import serialization  # pylint: disable=import-outside-toplevel
+
+  return serialization.msgpack_serialize(record)
+
+
+def decode_token_record(data: bytes) -> dict[str, Any]:
+  from flax import serialization  # pylint: disable=import-outside-toplevel
+
+  return serialization.msgpack_restore(data)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,84 @@
+"""Evaluation and sample grids inside training runs (`train.sample_every`).
+
+Every `train.sample_every` steps (and at the end) a ToyWorld training run generates with its current parameters on the
+first `train.sample_count` held-out test records — the same protocol as `mmada-jax eval` (`toyworld_eval.evaluate`),
+so the figures are comparable — and writes
+
+  WORKDIR/samples/step<N>.json   accuracies per task and kind, example answers, sampler settings
+  WORKDIR/samples/step<N>.md     the markdown table
+  WORKDIR/samples/step<N>.png    the first generated images (t2i), next to nothing else
+
+while `sample_acc_<task>` values go into the run's metrics. Tasks: `train.sample_tasks` (comma-separated subset of
+text, mmu, t2i), or by default those the run trains (`lm` → text, `mmu` → mmu, `t2i` → t2i; image tasks need
+`data.image_tokenizer`). Only ToyWorld runs have held-out answers to score: `config.validate()` refuses `sample_every`
+for sources other than `toyworld` and `tokens:` directories (which must then have been prepared from ToyWorld).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+from mmada_jax.eval import toyworld_eval
+
+TASK_OF = {"lm": "text", "mmu": "mmu", "t2i": "t2i"}
+
+
+def sample_tasks(config) -> tuple[str, ...]:
+  """The tasks evaluated during training (see module docstring); errors name the offending keys."""
+  t = config.train
+  if str(t.get("sample_tasks", "")).strip():
+    tasks = tuple(s.strip() for s in str(t.sample_tasks).split(",") if s.strip())
+    unknown = [s for s in tasks if s not in toyworld_eval.TASKS]
+    if unknown:
+      raise ValueError(f"train.sample_tasks: unknown task(s) {unknown} (known: {', '.join(toyworld_eval.TASKS)})")
+  else:
+    tasks = tuple(TASK_OF[k] for k in ("lm", "mmu", "t2i") if int(config.data[f"batch_size_{k}"]) > 0)
+  if not config.data.image_tokenizer and any(s != "text" for s in tasks):
+    raise ValueError(f"train.sample_every: the tasks {list(tasks)} need images; set data.image_tokenizer or "
+                     "train.sample_tasks=text")
+  return tasks
+
+
+class PeriodicSampler:
+  """Callable `(step, params) -> {"sample_acc_<task>": accuracy, ...}`; writes the files of the module docstring."""
+
+  def __init__(self, config, model, workdir: str, log: Callable[[str], None] = print):
+    from mmada_jax.diffusion import sample_cli
+    from mmada_jax.tokens import prompting, vocab as vocab_lib
+
+    self.config, self.model, self.log = config, model, log
+    self.every, self.count = int(config.train.sample_every), int(config.train.sample_count)
+    self.tasks = sample_tasks(config)
+    self.out_dir = os.path.join(workdir, "samples")
+    images = (sample_cli.load_image_tokenizer(config, None, log=lambda _: None)
+              if any(t != "text" for t in self.tasks) else None)
+    self._parts = dict(tokenizer=sample_cli._tokenizer(config), vocab=vocab_lib.Vocab.from_config(config.vocab),
+                       prompter=prompting.Prompter.from_config(config), images=images)
+
+  def due(self, step: int, total: int) -> bool:
+    return self.every > 0 and (step % self.every == 0 or step == total)
+
+  def __call__(self, step: int, params: Any) -> dict[str, float]:
+    from mmada_jax.diffusion import sample_cli
+
+    sampler = sample_cli.Sampler(self.config, self.model, params, origin={"source": "training", "step": step},
+                                 **self._parts)
+    options = toyworld_eval.EvalOptions(tasks=self.tasks, count=self.count, batch_size=min(16, self.count),
+                                        seed=int(self.config.seed), text_format="auto")
+    result, grid = toyworld_eval.evaluate(sampler, options, log=lambda _: None)
+    os.makedirs(self.out_dir, exist_ok=True)
+    stem = os.path.join(self.out_dir, f"step{step}")
+    with open(stem + ".json", "w") as f:
+      json.dump(result, f, indent=1)
+    table = toyworld_eval.format_table(result)
+    with open(stem + ".md", "w") as f:
+      f.write(f"# ToyWorld samples at step {step}\n\n{table}\n")
+    if grid is not None:
+      from mmada_jax.models import image_io
+
+      image_io.save_grid(grid, stem + ".png", nrow=8)
+    scores = {f"sample_acc_{t}": float(a) for t, a in result["accuracy"].items()}
+    self.log(f"step {step} samples: " + ", ".join(f"{k}={v:.3f}" for k, v in scores.items()) + f" ({stem}.md)")
+    return scores
