@@ -248,6 +248,12 @@ def train_section() -> ConfigDict:
   t.init_from = ""  # parameter checkpoint (converted official weights or another run) to start from
   t.tensorboard = True  # write TensorBoard event files to WORKDIR/tensorboard (needs tensorboardX)
   t.peak_tflops = 0.0  # per-device peak for the MFU estimate; 0 = from the device kind's data sheet / a CPU measurement
+  # Numerical faults (train/faults.py; also used by the UniGRPO loop): a step whose loss or gradient norm is not finite
+  # is skipped (old parameters and optimiser state kept) and counted; this many consecutive ones stop the run
+  # (0 = never).
+  t.max_nonfinite_steps = 10
+  t.loss_spike_factor = 3.0  # a loss above this x the running median of the last loss_spike_window steps is logged
+  t.loss_spike_window = 100  # (0 factor = no spike detection)
   return t
 
 
@@ -280,6 +286,10 @@ def checkpoint_section() -> ConfigDict:
   c.keep = 3  # most recent checkpoints kept
   c.keep_period = 0  # additionally keep every checkpoint whose step is a multiple of this (0 = none)
   c.async_save = True
+  # Per committed step a manifest of its files, verified at restore (a corrupt step falls back to the previous one):
+  # "sha256" (sizes and content hashes; reads each checkpoint back once), "size" (sizes only, catches truncation) or
+  # "none".
+  c.manifest = "sha256"
   return c
 
 
@@ -509,6 +519,16 @@ def _validate_train(config: ConfigDict, errors: list[str]) -> None:
     _require(rows % t.micro_batches == 0, f"data.batch_size_{task}",
              f"{rows} rows cannot be split into train.micro_batches={t.micro_batches} equal micro-batches", errors)
   _require(t.log_every > 0, "train.log_every", f"must be positive, got {t.log_every}", errors)
+  _require(c.save_every_steps > 0, "checkpoint.save_every_steps", f"must be positive, got {c.save_every_steps}", errors)
+  _require(c.keep >= 1, "checkpoint.keep", f"must be >= 1, got {c.keep}", errors)
+  _require(c.manifest in ("sha256", "size", "none"), "checkpoint.manifest",
+           f"must be 'sha256', 'size' or 'none', got {c.manifest!r}", errors)
+  _require(isinstance(t.max_nonfinite_steps, int) and t.max_nonfinite_steps >= 0, "train.max_nonfinite_steps",
+           f"must be an integer >= 0 (0 = never stop), got {t.max_nonfinite_steps!r}", errors)
+  _require(t.loss_spike_factor == 0 or t.loss_spike_factor > 1, "train.loss_spike_factor",
+           f"must be 0 (off) or > 1, got {t.loss_spike_factor}", errors)
+  _require(isinstance(t.loss_spike_window, int) and t.loss_spike_window >= 1, "train.loss_spike_window",
+           f"must be an integer >= 1, got {t.loss_spike_window!r}", errors)
   _require(isinstance(t.sample_every, int) and t.sample_every >= 0, "train.sample_every",
            f"must be an integer >= 0 (0 = off), got {t.sample_every!r}", errors)
   _require(t.sample_count >= 1, "train.sample_count", f"must be >= 1, got {t.sample_count}", errors)
@@ -518,8 +538,6 @@ def _validate_train(config: ConfigDict, errors: list[str]) -> None:
              not all(str(s).startswith(("toyworld", "tokens:")) for s in config.data[k + "_sources"])]
     _require(not other, "train.sample_every", "generation evals during training score ToyWorld held-out answers; not "
              f"ToyWorld data: {', '.join(other)} (set train.sample_every=0)", errors)
-  _require(c.save_every_steps > 0, "checkpoint.save_every_steps", f"must be positive, got {c.save_every_steps}", errors)
-  _require(c.keep >= 1, "checkpoint.keep", f"must be >= 1, got {c.keep}", errors)
 
 
 def _validate_loss(lc: ConfigDict, errors: list[str]) -> None:
@@ -609,6 +627,40 @@ def _validate_rl(config: ConfigDict, errors: list[str]) -> None:
            f"needs one weight per component of rl.rewards {tuple(r.rewards)}, got {tuple(r.reward_weights)}", errors)
 
 
+def _validate_layouts(config: ConfigDict, errors: list[str]) -> None:
+  """Image layouts: an image encoded online must give exactly vocab.num_image_tokens codes (the layout's N)."""
+  d, g, v = config.data, config.magvit, config.vocab
+  images = any(isinstance(d[f"batch_size_{t}"], int) and d[f"batch_size_{t}"] > 0 for t in ("t2i", "mmu"))
+  if not (d.image_tokenizer and images and len(g.encoder_channel_mult) > 0):
+    return
+  side = g.resolution // 2 ** (len(g.encoder_channel_mult) - 1)
+  _require(side * side == v.num_image_tokens, "vocab.num_image_tokens",
+           f"{v.num_image_tokens} image positions in every layout, but the image tokenizer of data.image_tokenizer "
+           f"(magvit.resolution={g.resolution}, {len(g.encoder_channel_mult)} levels) makes {side}x{side} = "
+           f"{side * side} codes per image", errors)
+
+
+def _validate_preset(s: ConfigDict, errors: list[str]) -> None:
+  """The chosen preset itself (code data in parallel/rules.py) may only name known mesh and logical axes."""
+  from mmada_jax.parallel import rules  # local import: parallel depends on config, not the reverse
+
+  preset = rules.PRESETS.get(s.preset)
+  if preset is None:
+    return  # reported by rules.validate_sharding_config
+  for level in ("ici", "dcn"):
+    bad = sorted(set(preset.get(level, {})) - set(rules.MESH_AXES))
+    if bad:
+      errors.append(f"sharding.preset: preset {s.preset!r} gives {level} sizes to unknown mesh axes {bad} (mesh axes: "
+                    f"{list(rules.MESH_AXES)})")
+  for name, value in preset.get("rules", {}).items():
+    if name not in rules.LOGICAL_AXES:
+      errors.append(f"sharding.preset: preset {s.preset!r} has a rule for unknown logical axis {name!r}")
+    bad = [a for a in rules.parse_rule(value) if a not in rules.MESH_AXES]
+    if bad:
+      errors.append(f"sharding.preset: preset {s.preset!r} maps {name!r} to unknown mesh axes {bad} (mesh axes: "
+                    f"{list(rules.MESH_AXES)})")
+
+
 def validate(config: ConfigDict) -> ConfigDict:
   """Checks the whole config; raises ConfigError listing every problem with its key. Returns the config."""
   errors: list[str] = []
@@ -623,6 +675,7 @@ def validate(config: ConfigDict) -> ConfigDict:
     _validate_vocab(config.vocab, config.model, errors)
   _validate_magvit(config.magvit, config.vocab, errors)
   _validate_data(config.data, config.vocab, errors)
+  _validate_layouts(config, errors)
   _validate_loss(config.loss, errors)
   _validate_train(config, errors)
   _validate_sampling(config.sampling, errors)
@@ -631,6 +684,7 @@ def validate(config: ConfigDict) -> ConfigDict:
   from mmada_jax.parallel import rules  # local import: parallel depends on config, not the reverse
 
   errors.extend(rules.validate_sharding_config(config.sharding))
+  _validate_preset(config.sharding, errors)
   if errors:
     raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
   return config

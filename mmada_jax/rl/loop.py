@@ -37,7 +37,7 @@ from mmada_jax.models import llada
 from mmada_jax.parallel import mesh as mesh_lib, partitioning, rules as rules_lib
 from mmada_jax.rl import masks as masks_lib, objective as obj, rewards as rewards_lib, schedule, step as step_lib
 from mmada_jax.tokens import text_tokenizer as tt, vocab as vocab_lib
-from mmada_jax.train import data_setup, loop as train_loop, metrics_io, optim, state as state_lib
+from mmada_jax.train import data_setup, faults, loop as train_loop, metrics_io, optim, state as state_lib
 
 SCHEDULE_TAG, MASK_TAG, ROLLOUT_TAG, EVAL_TAG = 0, 1, 2, 3
 REFERENCE_DIR = "reference"  # WORKDIR/reference: the frozen reference of runs started from random weights
@@ -124,6 +124,7 @@ class RLRun:
   settings: step_lib.StepSettings
   fns: dict
   rl_step: int = 0
+  guard: faults.NumericsGuard | None = None
 
 
 _JIT_CACHE: dict = {}
@@ -139,7 +140,8 @@ def _functions(config, model, tx, mesh, rules, shardings, settings: step_lib.Ste
     pre = step_lib.jit_precompute(step_lib.make_precompute(model, settings), shardings.params, batch_sh, mesh, rules,
                                   with_ref)
     full_sh = dict(batch_sh, **step_lib.logp_shardings(mesh, rules, with_ref))
-    pol = step_lib.make_policy_step(model, tx, settings, optim.learning_rate_schedule(config.optimizer))
+    pol = step_lib.make_policy_step(model, tx, settings, optim.learning_rate_schedule(config.optimizer),
+                                    param_shardings=shardings.params)
     _JIT_CACHE[key] = {"precompute": pre, "step": step_lib.jit_policy_step(pol, shardings, full_sh, mesh),
                        "batch_shardings": batch_sh, "full_shardings": full_sh}
   return _JIT_CACHE[key]
@@ -199,16 +201,21 @@ def setup(config, workdir: str, log: Callable[[str], None] = print) -> RLRun:
   os.makedirs(workdir, exist_ok=True)
   mesh = mesh_lib.create_mesh(config.sharding)
   rules = rules_lib.resolve_rules(config.sharding.preset, dict(config.sharding.rule_overrides))
+  b = int(config.rl.prompts_per_step) * int(config.rl.group_size)
+  batch_sh = step_lib.batch_shardings(_abstract_batch(config, b), mesh, rules)  # rows vs batch shards, before compiling
   model = llada.build_model(config.model)
   tx = optim.make_optimizer(config.optimizer)
   abstract, shardings = state_lib.state_shardings(model, tx, mesh, rules)
   checkpointer = ckpt.TrainCheckpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
   tokenizer = _tokenizer(config)
   prompts = ToyWorldPrompts(config, tokenizer)
-  latest, rl_step, handle = checkpointer.latest_step(), 0, None
-  if latest is not None:
-    state, data_state, _ = checkpointer.restore(latest, abstract)
+  guard = faults.NumericsGuard.from_config(config.train, what="rl")
+  rl_step, handle = 0, None
+  found = checkpointer.restore_latest(abstract, train_loop.config_json(config), log=log)
+  if found is not None:
+    _, state, data_state, _ = found
     prompts.set_state(data_state.get("prompts", {}))
+    guard.set_state(data_state.get("loop"))
     rl_step, handle = int(data_state["rl_step"]), data_state["reference"]
     handle = os.path.join(os.path.abspath(workdir), handle) if handle == REFERENCE_DIR else handle
     log(f"resumed from {checkpointer.directory} at RL step {rl_step}")
@@ -216,12 +223,10 @@ def setup(config, workdir: str, log: Callable[[str], None] = print) -> RLRun:
     state = train_loop.initial_state(config, model, tx, mesh, rules, abstract, shardings, log)
   ref, handle = _reference(config, workdir, state, shardings, handle, log)
   settings = step_lib.StepSettings.from_config(config)
-  b = int(config.rl.prompts_per_step) * int(config.rl.group_size)
-  batch_sh = step_lib.batch_shardings(_abstract_batch(config, b), mesh, rules)
   fns = _functions(config, model, tx, mesh, rules, shardings, settings, batch_sh)
   return RLRun(config, workdir, mesh, rules, model, tokenizer, vocab_lib.Vocab.from_config(config.vocab), state,
                shardings, ref if settings.loss.beta > 0 else None, handle, prompts, checkpointer,
-               rewards_lib.RewardModel.from_config(config.rl), settings, fns, rl_step)
+               rewards_lib.RewardModel.from_config(config.rl), settings, fns, rl_step, guard)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -286,7 +291,7 @@ def place(batch: dict, shardings: dict) -> dict:
 # One RL step
 
 
-def rl_step(run: RLRun) -> tuple[dict, list[dict]]:
+def rl_step(run: RLRun, log: Callable[[str], None] = print) -> tuple[dict, list[dict]]:
   """Rollout → rewards → precompute → μ policy steps. Returns (metrics, dumped samples with their rewards)."""
   r = run.config.rl
   q, g, mu = int(r.prompts_per_step), int(r.group_size), int(r.inner_steps)
@@ -308,7 +313,12 @@ def rl_step(run: RLRun) -> tuple[dict, list[dict]]:
   per_iter = jax.device_get(per_iter)
   t2 = time.perf_counter()
   run.rl_step += 1
+  guard = run.guard or faults.NumericsGuard.from_config(run.config.train, what="rl")
+  run.guard = guard
+  for n, m in enumerate(per_iter):  # skipped (non-finite) policy steps, counted per optimiser step
+    booked = guard.update((run.rl_step - 1) * mu + n + 1, float(m["loss"]), float(m["finite"]) > 0, log)
   metrics = _step_metrics(per_iter, scores, adv, roll, run.rewards.names)
+  metrics.update(booked)
   metrics.update(rollout_s=t1 - t0, update_s=t2 - t1, optimizer_step=float(jax.device_get(run.state.step)))
   dumps = [dict(s, **{k: float(v[i]) for k, v in scores.items()}, advantage=float(adv["adv"][i]))
            for i, s in enumerate(roll["samples"][:int(r.dump_count)])]
@@ -352,7 +362,8 @@ def _save(run: RLRun, force: bool) -> None:
   own = os.path.join(os.path.abspath(run.workdir), REFERENCE_DIR)
   handle = REFERENCE_DIR if run.ref_handle == own else run.ref_handle  # the workdir may move
   data = {"prompts": run.prompts.get_state(), "rl_step": run.rl_step, "reference": handle,
-          "rng": {"rl.seed": int(run.config.rl.seed), "rl_step": run.rl_step}}
+          "rng": {"rl.seed": int(run.config.rl.seed), "rl_step": run.rl_step},
+          "loop": run.guard.get_state() if run.guard else {}}
   run.checkpointer.save(run.rl_step, run.state, data, train_loop.config_json(run.config), force=force)
 
 
@@ -371,6 +382,10 @@ def train(run: RLRun, log: Callable[[str], None] = print, progress: bool = True)
   """
   config, r = run.config, run.config.rl
   total = int(r.steps)
+  if jax.process_index() == 0:  # rows after the restored RL step were written by an interrupted run: drop them
+    keep = run.rl_step if run.rl_step > 0 else -1
+    faults.truncate_jsonl(os.path.join(run.workdir, "metrics.jsonl"), keep)
+    faults.truncate_jsonl(os.path.join(run.workdir, "samples.jsonl"), keep, step_key="rl_step")
   writer = metrics_io.MetricsWriter(run.workdir, tensorboard=bool(config.train.tensorboard))
   if run.rl_step == 0:
     with open(os.path.join(run.workdir, "config.json"), "w") as f:
@@ -380,22 +395,17 @@ def train(run: RLRun, log: Callable[[str], None] = print, progress: bool = True)
   bar = metrics_io.progress(total, run.rl_step, enabled=progress)
   last: dict = {}
   try:
-    while run.rl_step < total:
-      metrics, dumps = rl_step(run)
-      step = run.rl_step
-      last = metrics
-      bar.update(step, {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"]})
-      if step % int(r.log_every) == 0 or step == total:
-        writer.write(step, metrics)
-      if int(r.dump_every) and (step % int(r.dump_every) == 0 or step == total):
-        _dump(run.workdir, step, dumps)
-      every = int(r.eval_every)
-      if int(r.eval_prompts) > 0 and ((every and step % every == 0) or step == total):
-        scores = evaluate(run, int(r.eval_prompts))
-        writer.write(step, scores)
-        last = dict(last, **scores)
-      if step % int(config.checkpoint.save_every_steps) == 0 or step == total:
-        _save(run, force=step == total)
+    with faults.StopRequest(log) as stop:
+      while run.rl_step < total:
+        last, saved = _one_step(run, writer, bar, log)
+        if stop.requested and run.rl_step < total:
+          if not saved:
+            _save(run, force=True)
+          run.checkpointer.wait()
+          message = (f"stopped by SIGTERM after RL step {run.rl_step}: checkpoint written to "
+                     f"{run.checkpointer.step_dir(run.rl_step)}; rerun the same command to resume")
+          log(message)
+          raise faults.Preempted(message)
   finally:
     run.checkpointer.wait()
     bar.close()
@@ -403,6 +413,31 @@ def train(run: RLRun, log: Callable[[str], None] = print, progress: bool = True)
   log(f"RL step {run.rl_step}: " + ", ".join(f"{k}={last[k]:.4g}" for k in sorted(last) if k.startswith(
       ("reward_total", "accuracy", "kl", "eval_accuracy"))))
   return last
+
+
+def _one_step(run: RLRun, writer, bar, log) -> tuple[dict, bool]:
+  """One RL step with its metric row, sample dump, evaluation and checkpoint (all written before the next step).
+  Returns (metrics, whether a checkpoint was saved)."""
+  config, r = run.config, run.config.rl
+  total = int(r.steps)
+  metrics, dumps = rl_step(run, log)
+  step = run.rl_step
+  faults.inject("sigterm", step)
+  bar.update(step, {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"]})
+  if step % int(r.log_every) == 0 or step == total:
+    writer.write(step, metrics)
+  if int(r.dump_every) and (step % int(r.dump_every) == 0 or step == total):
+    _dump(run.workdir, step, dumps)
+  every = int(r.eval_every)
+  if int(r.eval_prompts) > 0 and ((every and step % every == 0) or step == total):
+    scores = evaluate(run, int(r.eval_prompts))
+    writer.write(step, scores)
+    metrics = dict(metrics, **scores)
+  saved = step % int(config.checkpoint.save_every_steps) == 0 or step == total
+  if saved:
+    _save(run, force=step == total)
+    faults.inject("kill_after_save", step)
+  return metrics, saved
 
 
 def main_rl(argv: list[str]) -> int:

@@ -35,6 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mmada_jax.rl import masks as masks_lib, objective as obj
 from mmada_jax.train.state import TrainState
+from mmada_jax.train.step import keep_if_finite, sharding_constraint
 
 Array = jax.Array
 ROW_KEYS = ("tokens", "attn", "maskable", "eligible", "adv", "row_weight", "uid")  # batch axis 0
@@ -118,8 +119,9 @@ def _micro_objective(model, s: StepSettings, den: Array) -> Callable:
   return jax.value_and_grad(micro_loss, has_aux=True)
 
 
-def _accumulate(grad_fn, params, micro: dict, m: int):
-  """(loss, metric sums, grads) over m micro-batches (scan) or the whole batch (m = 1)."""
+def _accumulate(grad_fn, params, micro: dict, m: int, constrain: Callable = lambda t: t):
+  """(loss, metric sums, grads) over m micro-batches (scan) or the whole batch (m = 1); `constrain` pins the gradient
+  accumulators to the parameters' sharding."""
   if m == 1:
     (loss, sums), grads = grad_fn(params, micro)
     return loss, sums, grads
@@ -128,6 +130,7 @@ def _accumulate(grad_fn, params, micro: dict, m: int):
   def body(carry, mb):
     g_acc, l_acc, s_acc = carry
     (l, s), g = grad_fn(params, mb)
+    g = constrain(g)
     add = lambda x, y: jax.tree.map(jnp.add, x, y)
     s_new = {k: (jnp.maximum if k == "ratio_max" else jnp.minimum if k == "ratio_min" else jnp.add)(s_acc[k], v)
              for k, v in s.items()}
@@ -137,14 +140,19 @@ def _accumulate(grad_fn, params, micro: dict, m: int):
   s0 = jax.eval_shape(lambda: grad_fn(params, first)[0][1])
   init_s = {k: jnp.full(v.shape, -jnp.inf if k == "ratio_max" else jnp.inf if k == "ratio_min" else 0.0, v.dtype)
             for k, v in s0.items()}
-  init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), init_s)
+  init = (constrain(jax.tree.map(jnp.zeros_like, params)), jnp.zeros((), jnp.float32), init_s)
   (grads, loss, sums), _ = jax.lax.scan(body, init, split)
   return loss, sums, grads
 
 
 def make_policy_step(model, tx: optax.GradientTransformation, s: StepSettings,
-                     lr_schedule: Callable | None = None) -> Callable:
-  """The pure step `(state, batch, n) -> (state, metrics)` (jit it with `jit_policy_step`)."""
+                     lr_schedule: Callable | None = None, param_shardings: Any | None = None) -> Callable:
+  """The pure step `(state, batch, n) -> (state, metrics)` (jit it with `jit_policy_step`).
+
+  As the train step (train/step.py): a non-finite loss or gradient norm keeps the old parameters and optimiser state
+  (`finite` = 0, `skipped` = 1; `state.step` still advances), and `param_shardings` pins the gradient accumulators.
+  """
+  constrain = sharding_constraint(param_shardings)
 
   def policy_step(state: TrainState, batch, n):
     n = jnp.asarray(n, jnp.int32)
@@ -157,13 +165,15 @@ def make_policy_step(model, tx: optax.GradientTransformation, s: StepSettings,
       micro["prompt"] = prompt
     if "ref" in batch and s.loss.beta > 0:
       micro["ref"] = batch["ref"][n]
-    loss, sums, grads = _accumulate(_micro_objective(model, s, den), state.params, micro, s.micro_batches)
+    loss, sums, grads = _accumulate(_micro_objective(model, s, den), state.params, micro, s.micro_batches, constrain)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    params, opt_state = keep_if_finite(finite, (params, opt_state), (state.params, state.opt_state))
     tokens = jnp.maximum(sums["tokens"], 1.0)
     n_maskable = jnp.maximum(jnp.sum(batch["maskable"], axis=-1), 1)[None]
-    metrics = {"loss": loss, "grad_norm": grad_norm, "finite": (jnp.isfinite(loss) & jnp.isfinite(grad_norm)) * 1.0,
+    metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite * 1.0, "skipped": 1.0 - finite,
                "ratio_mean": sums["ratio"] / tokens, "ratio_max": sums["ratio_max"], "ratio_min": sums["ratio_min"],
                "clip_frac_low": sums["clip_low"] / tokens, "clip_frac_high": sums["clip_high"] / tokens,
                "clip_frac": (sums["clip_low"] + sums["clip_high"]) / tokens, "kl": sums["kl"] / tokens,

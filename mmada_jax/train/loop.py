@@ -1,25 +1,35 @@
 """One training loop for every stage (Decision 7): `mmada-jax train --config experiments/... --workdir DIR`.
 
-Rerunning the same workdir resumes from its latest checkpoint (state, data iterator, step); otherwise the run starts
-from `train.init_from` (a converted official checkpoint or another run's parameters) or from random weights.
-Metrics are fetched one step late, so the host never waits for the device between steps.
+Rerunning the same workdir resumes from its latest valid checkpoint (state, data iterator, step, numerics counters);
+otherwise the run starts from `train.init_from` (a converted official checkpoint or another run's parameters) or from
+random weights. Metrics are fetched one step late, so the host never waits for the device between steps, except at
+checkpoint steps: their metric row is written before the checkpoint, and on resume rows after the restored step are
+dropped, so a run killed at any point and restarted writes the same metrics.jsonl as an uninterrupted one.
+
+Faults (train/faults.py): SIGTERM → checkpoint at the next step boundary, then exit 143; non-finite steps are skipped on
+device and counted, `train.max_nonfinite_steps` consecutive ones stop the run; loss spikes are logged; a corrupt latest
+checkpoint falls back to the newest valid one; a checkpoint of another model is refused (checkpoint.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
 import numpy as np
 
-from mmada_jax import checkpoint as ckpt
+from mmada_jax import checkpoint as ckpt, config as config_lib
 from mmada_jax.models import llada
 from mmada_jax.parallel import mesh as mesh_lib, partitioning, rules as rules_lib
-from mmada_jax.train import flops as flops_lib, metrics_io, optim, state as state_lib, step as step_lib
+from mmada_jax.train import faults, flops as flops_lib, metrics_io, optim, state as state_lib, step as step_lib
+
+LOOP_STATE_KEY = "_loop"  # the loop's own counters inside the checkpoint's `data` item, next to the iterator state
+TIMING_METRICS = ("time", "step_time_s", "tokens_per_s", "mfu")  # the only metrics that differ between identical runs
 
 
 @dataclasses.dataclass
@@ -37,6 +47,7 @@ class Run:
   checkpointer: ckpt.TrainCheckpointer
   eval_fn: Callable
   eval_data_factory: Callable[[], Any]
+  guard: faults.NumericsGuard | None = None
 
 
 def config_json(config) -> dict:
@@ -63,11 +74,12 @@ def initial_state(config, model, tx, mesh, rules, abstract, shardings, log: Call
   path = config.train.init_from
   if os.path.isdir(os.path.join(path, "checkpoints")):
     previous = ckpt.TrainCheckpointer(os.path.join(path, "checkpoints"), config.checkpoint)
-    step = previous.latest_step()
-    if step is None:
-      raise ckpt.CheckpointError(f"train.init_from={path}: the run has no checkpoint yet")
-    state, _, _ = previous.restore(step, abstract)
+    model_keys = tuple(k for k in ckpt.COMPATIBILITY_KEYS if k.startswith("model."))
+    found = previous.restore_latest(abstract, config_json(config), keys=model_keys, move_aside=False, log=log)
     previous.close()
+    if found is None:
+      raise ckpt.CheckpointError(f"train.init_from={path}: the run has no (valid) checkpoint yet")
+    step, state, _, _ = found
     log(f"initialised parameters from {path} (step {step})")
     return state_lib.state_from_params(state.params, tx, shardings)
   meta = ckpt.read_metadata(path)
@@ -82,20 +94,44 @@ def initial_state(config, model, tx, mesh, rules, abstract, shardings, log: Call
   return state_lib.state_from_params(params, tx, shardings)
 
 
+def check_batch_shards(config, mesh, rules) -> None:
+  """Raises ConfigError (before anything is compiled) when a task's global batch does not split over the batch shards
+  (the `activation_batch` mesh axes)."""
+  axes = [a for a in rules.get("activation_batch", ()) if mesh.shape[a] > 1]
+  shards = math.prod(mesh.shape[a] for a in axes)
+  errors = []
+  for task in ("t2i", "lm", "mmu"):
+    rows = int(config.data.get(f"batch_size_{task}", 0))
+    if rows and rows % shards:
+      errors.append(f"data.batch_size_{task}: {rows} rows cannot be split over the {shards} batch shards of mesh axes "
+                    f"{axes} (sharding.preset={config.sharding.preset!r}, mesh {dict(mesh.shape)}); use a multiple of "
+                    f"{shards} or change sharding.ici / sharding.rule_overrides.activation_batch")
+  if errors:
+    raise config_lib.ConfigError("invalid config for this mesh:\n  " + "\n  ".join(errors))
+
+
 def setup(config, workdir: str, hooks_factory: Callable, data_factory: Callable,
           log: Callable[[str], None] = print) -> Run:
-  """Mesh, model, sharded state (resumed when the workdir has a checkpoint), data iterator and jitted step."""
+  """Mesh, model, sharded state (resumed when the workdir has a checkpoint), data iterator and jitted step.
+
+  Everything that can be checked without compiling (mesh vs devices, batch vs batch shards, a checkpoint's config vs
+  this one) is checked before the first compilation.
+  """
   os.makedirs(workdir, exist_ok=True)
   mesh = mesh_lib.create_mesh(config.sharding)
   rules = rules_lib.resolve_rules(config.sharding.preset, dict(config.sharding.rule_overrides))
+  check_batch_shards(config, mesh, rules)
   model = llada.build_model(config.model)
   tx = optim.make_optimizer(config.optimizer)
   abstract, shardings = state_lib.state_shardings(model, tx, mesh, rules)
   checkpointer = ckpt.TrainCheckpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
   data = data_factory(config)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    state, data_state, _ = checkpointer.restore(latest, abstract)
+  guard = faults.NumericsGuard.from_config(config.train)
+  found = checkpointer.restore_latest(abstract, config_json(config), log=log)
+  if found is not None:
+    latest, state, data_state, _ = found
+    data_state = dict(data_state or {})
+    guard.set_state(data_state.pop(LOOP_STATE_KEY, None))
     if data_state and hasattr(data, "set_state"):
       data.set_state(data_state)
     log(f"resumed from {checkpointer.directory} at step {latest}")
@@ -103,12 +139,12 @@ def setup(config, workdir: str, hooks_factory: Callable, data_factory: Callable,
     state = initial_state(config, model, tx, mesh, rules, abstract, shardings, log)
   hooks = hooks_factory(config, model)
   step_fn = step_lib.make_train_step(hooks, tx, hooks.coefficients, int(config.train.micro_batches), int(config.seed),
-                                     optim.learning_rate_schedule(config.optimizer))
+                                     optim.learning_rate_schedule(config.optimizer), param_shardings=shardings.params)
   with partitioning.axis_rules(mesh, rules):
     jitted = jax.jit(step_fn, out_shardings=(shardings, None), donate_argnums=0)
   eval_fn = jax.jit(make_eval_fn(hooks))
   return Run(config, workdir, mesh, rules, model, state, shardings, jitted, data, checkpointer, eval_fn,
-             lambda: data_factory(config, split="validation"))
+             lambda: data_factory(config, split="validation"), guard)
 
 
 def make_eval_fn(hooks) -> Callable:
@@ -143,9 +179,16 @@ def _tokens(batch: dict) -> int:
 
 
 def train(run: Run, log: Callable[[str], None] = print, progress: bool = True) -> dict:
-  """Runs until `train.steps`; returns the last logged metrics."""
+  """Runs until `train.steps`; returns the last logged metrics.
+
+  Raises `faults.Preempted` after SIGTERM (once the checkpoint of the current step is written) and
+  `faults.NonFiniteError` after `train.max_nonfinite_steps` consecutive non-finite steps.
+  """
   config = run.config
   total, start = int(config.train.steps), int(jax.device_get(run.state.step))
+  run.guard = run.guard or faults.NumericsGuard.from_config(config.train)
+  if jax.process_index() == 0:  # rows after the restored step were written by the interrupted run: drop them
+    faults.truncate_jsonl(os.path.join(run.workdir, "metrics.jsonl"), start if start > 0 else -1)
   writer = metrics_io.MetricsWriter(run.workdir, tensorboard=bool(config.train.tensorboard))
   if start == 0:
     with open(os.path.join(run.workdir, "config.json"), "w") as f:
@@ -156,28 +199,41 @@ def train(run: Run, log: Callable[[str], None] = print, progress: bool = True) -
   bar = metrics_io.progress(total, start, enabled=progress)
   pending, last = None, {}
   t_prev = time.perf_counter()
+  finish = lambda p: _finish(p, run, peak, writer, bar, log)
   try:
-    for step in range(start, total):
-      local = next(run.data)
-      batch = place_batch(local, run.mesh, run.rules)
-      with partitioning.axis_rules(run.mesh, run.rules):
-        run.state, metrics = run.step_fn(run.state, batch)
-      if pending is not None:  # fetch the previous step's metrics now: the device is already busy with this one
-        last = _finish(pending, run, peak, writer, bar, log)
-      now = time.perf_counter()
-      pending = (step + 1, metrics, now - t_prev, _tokens(local) * jax.process_count(), local)
-      t_prev = now
-      every = int(config.train.eval_every)
-      if config.train.eval_batches > 0 and ((every and (step + 1) % every == 0) or step + 1 == total):
-        last = _finish(pending, run, peak, writer, bar, log)
-        pending = None
-        scores = evaluate(run)
-        writer.write(step + 1, scores)
-        last.update(scores)
-      if (step + 1) % int(config.checkpoint.save_every_steps) == 0 or step + 1 == total:
-        run.checkpointer.save(step + 1, run.state, _data_state(run.data), config_json(config), force=step + 1 == total)
-    if pending is not None:
-      last = _finish(pending, run, peak, writer, bar, log)
+    with faults.StopRequest(log) as stop:
+      for step in range(start, total):
+        local = next(run.data)
+        batch = place_batch(local, run.mesh, run.rules)
+        with partitioning.axis_rules(run.mesh, run.rules):
+          run.state, metrics = run.step_fn(run.state, batch)
+        if pending is not None:  # fetch the previous step's metrics now: the device is already busy with this one
+          last = finish(pending)
+        now = time.perf_counter()
+        pending = (step + 1, metrics, now - t_prev, _tokens(local) * jax.process_count(), local)
+        t_prev = now
+        done, every = step + 1, int(config.train.eval_every)
+        faults.inject("sigterm", done)
+        evaluate_now = config.train.eval_batches > 0 and ((every and done % every == 0) or done == total)
+        save_now = done % int(config.checkpoint.save_every_steps) == 0 or done == total
+        if evaluate_now or save_now or stop.requested:  # this step's row is written before its checkpoint
+          last, pending = finish(pending), None
+        if evaluate_now:
+          scores = evaluate(run)
+          writer.write(done, scores)
+          last.update(scores)
+        if save_now or stop.requested:
+          run.checkpointer.save(done, run.state, _data_state(run), config_json(config),
+                                force=done == total or stop.requested)
+          faults.inject("kill_after_save", done)
+        if stop.requested and done < total:
+          run.checkpointer.wait()
+          message = (f"stopped by SIGTERM after step {done}: checkpoint written to "
+                     f"{run.checkpointer.step_dir(done)}; rerun the same command to resume")
+          log(message)
+          raise faults.Preempted(message)
+      if pending is not None:
+        last = finish(pending)
   finally:
     run.checkpointer.wait()
     bar.close()
@@ -185,8 +241,11 @@ def train(run: Run, log: Callable[[str], None] = print, progress: bool = True) -
   return last
 
 
-def _data_state(data) -> dict | None:
-  return data.get_state() if hasattr(data, "get_state") else None
+def _data_state(run: Run) -> dict:
+  """The checkpoint's `data` item: the iterator position plus the loop's numerics counters."""
+  state = dict(run.data.get_state()) if hasattr(run.data, "get_state") else {}
+  state[LOOP_STATE_KEY] = run.guard.get_state()
+  return state
 
 
 def _finish(pending, run: Run, peak, writer, bar, log) -> dict:
@@ -200,6 +259,7 @@ def _finish(pending, run: Run, peak, writer, bar, log) -> dict:
                    for a in local.values())
   if peak:
     values["mfu"] = step_flops / max(seconds, 1e-9) / (peak * jax.device_count())
+  values.update(run.guard.update(step, values["loss"], values.get("finite", 1.0) > 0, log))
   bar.update(step, values)
   if step % int(c.train.log_every) == 0 or step == int(c.train.steps):
     writer.write(step, values)
