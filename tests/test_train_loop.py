@@ -82,3 +82,21 @@ def test_cli_train_writes_metrics_and_config(tmp_path, capsys):
   evals = [r for r in rows if "eval_loss_lm" in r]
   assert [r["step"] for r in evals] == [0, 2] and all(np.isfinite(r["eval_loss_lm"]) for r in evals)
   assert json.load(open(tmp_path / "cli" / "config.json"))["model"]["d_model"] == 32
+
+
+def test_generation_evals_and_sample_files_during_training(tmp_path):
+  """`train.sample_every`: held-out generation accuracies in metrics.jsonl and WORKDIR/samples at those steps."""
+  extra = {"train.sample_every": "2", "train.sample_count": "2", "sampling.text.gen_length": "8",
+           "sampling.text.block_length": "8", "sampling.text.steps": "2"}
+  run = make_run(tmp_path, 3, **extra)
+  lines = []
+  loop.train(run, log=lines.append, progress=False)
+  rows = [json.loads(r) for r in open(tmp_path / "metrics.jsonl")]
+  sampled = {r["step"]: r["sample_acc_text"] for r in rows if "sample_acc_text" in r}
+  assert sorted(sampled) == [2, 3] and all(0.0 <= a <= 1.0 for a in sampled.values())  # every 2 steps and the end
+  for step in (2, 3):
+    with open(tmp_path / "samples" / f"step{step}.json") as f:
+      result = json.load(f)
+    assert result["checkpoint"] == {"source": "training", "step": step} and result["tasks"]["text"]["count"] == 2
+    assert os.path.exists(tmp_path / "samples" / f"step{step}.md")
+  assert any(line.startswith("step 2 samples: sample_acc_text=") for line in lines)

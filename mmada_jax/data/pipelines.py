@@ -347,11 +347,11 @@ def open_source(spec: str, task: str, config, split: str = "train"):
   if kind in ("jsonl", "gsm8k"):
     return src_lib.JsonlSource(arg), kind, ""
   if kind == "parquet":
-    return src_lib.ParquetSource(arg), kind, ""
+    return src_lib.ParquetSource(arg, strict=bool(config.data.strict)), kind, ""
   if kind == "images":
     return src_lib.ImageFolderSource(arg), kind, ""
   if kind == "wds":
-    return src_lib.WebDatasetSource(arg), kind, ""
+    return src_lib.WebDatasetSource(arg, strict=bool(config.data.strict)), kind, ""
   if kind == "llava":
     path, _, root = arg.partition(":")
     return src_lib.LlavaSource(path, root or None), kind, ""

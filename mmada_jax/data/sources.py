@@ -31,6 +31,7 @@ import io
 import json
 import os
 import tarfile
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -70,6 +71,19 @@ def expand(pattern: str) -> list[str]:
 # Sources
 
 
+def _skip_file(path: str, reason: str, detail: str, strict: bool, skipped: list[tuple[str, str]]) -> None:
+  """A whole file that cannot be indexed: raise in strict mode, otherwise warn (naming it) and remember it."""
+  if strict:
+    raise BadRecordError(path, reason, detail)
+  warnings.warn(f"skipping {path}: {reason} ({detail})", stacklevel=3)
+  skipped.append((path, f"{reason}: {detail}"))
+
+
+def _require_some(count: int, pattern: str, skipped: list[tuple[str, str]]) -> None:
+  if count == 0 and skipped:
+    raise EmptyDataError(f"no usable record in {pattern!r}: " + "; ".join(f"{p} ({r})" for p, r in skipped))
+
+
 class ListSource:
   """Records held in memory (tests, small evaluation sets)."""
 
@@ -105,29 +119,40 @@ class JsonlSource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     f, offset, lineno = self.index[index]
-    with open(self.files[f], "rb") as fh:
-      fh.seek(offset)
-      raw = fh.readline()
-    return {"id": f"{self.files[f]}:{lineno}", "raw": raw, "dir": os.path.dirname(self.files[f])}
+    rid = f"{self.files[f]}:{lineno}"
+    try:
+      with open(self.files[f], "rb") as fh:
+        fh.seek(offset)
+        raw = fh.readline()
+    except OSError as e:  # deleted or unreadable under a running pipeline: a bad record naming the file
+      raise BadRecordError(rid, "unreadable file", f"{type(e).__name__}: {e}") from e
+    return {"id": rid, "raw": raw, "dir": os.path.dirname(self.files[f])}
 
 
 class ParquetSource:
   """Rows of Parquet files, read one row group at a time (the last one is cached)."""
 
-  def __init__(self, pattern: str, columns: Sequence[str] | None = None):
+  def __init__(self, pattern: str, columns: Sequence[str] | None = None, strict: bool = False):
+    import pyarrow as pa  # pylint: disable=import-outside-toplevel
     import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
 
     self.files = expand(pattern)
     self.columns = list(columns) if columns else None
     self.groups: list[tuple[int, int]] = []  # (file number, row group)
     self.starts: list[int] = []
+    self.skipped_files: list[tuple[str, str]] = []  # (path, reason): files that could not be opened
     total = 0
     for f, path in enumerate(self.files):
-      meta = pq.ParquetFile(path).metadata
+      try:
+        meta = pq.ParquetFile(path).metadata
+      except (pa.ArrowException, OSError) as e:  # truncated / not Parquet: its footer cannot be read
+        _skip_file(path, "unreadable parquet file", str(e), strict, self.skipped_files)
+        continue
       for g in range(meta.num_row_groups):
         self.groups.append((f, g))
         self.starts.append(total)
         total += meta.row_group(g).num_rows
+    _require_some(total, pattern, self.skipped_files)
     self.total = total
     self._cache: tuple[int, list[dict]] | None = None
 
@@ -174,23 +199,29 @@ class WebDatasetSource:
   `{"id": "shard.tar:key", "<ext>": bytes, ...}` with extensions lower-cased and without the dot.
   """
 
-  def __init__(self, pattern: str):
+  def __init__(self, pattern: str, strict: bool = False):
     self.files = expand(pattern)
     self.items: list[tuple[int, str, dict[str, tuple[int, int]]]] = []
+    self.skipped_files: list[tuple[str, str]] = []  # (path, reason): shards cut short or unreadable
     for f, path in enumerate(self.files):
       groups: dict[str, dict[str, tuple[int, int]]] = {}
+      size = os.path.getsize(path)
       try:
         with tarfile.open(path, "r:") as tar:
           for m in tar:
             if not m.isfile():
               continue
+            if m.offset_data + m.size > size:
+              raise tarfile.ReadError(f"member {m.name!r} is cut short at the end of the file")
             base = os.path.basename(m.name)
             key, _, ext = base.partition(".")
             prefix = os.path.dirname(m.name)
             groups.setdefault(os.path.join(prefix, key), {})[ext.lower()] = (m.offset_data, m.size)
-      except tarfile.TarError as e:
-        raise BadRecordError(path, "unreadable tar shard", str(e)) from e
+      except tarfile.TarError as e:  # a truncated shard keeps the members indexed before the cut
+        _skip_file(path, "truncated or unreadable tar shard", f"{e}; {len(groups)} records before it kept", strict,
+                   self.skipped_files)
       self.items += [(f, key, members) for key, members in groups.items()]
+    _require_some(len(self.items), pattern, self.skipped_files)
 
   def __len__(self) -> int:
     return len(self.items)

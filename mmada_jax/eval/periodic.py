@@ -20,6 +20,8 @@ import json
 import os
 from typing import Any, Callable
 
+import jax
+
 from mmada_jax.eval import toyworld_eval
 
 TASK_OF = {"lm": "text", "mmu": "mmu", "t2i": "t2i"}
@@ -68,6 +70,9 @@ class PeriodicSampler:
     options = toyworld_eval.EvalOptions(tasks=self.tasks, count=self.count, batch_size=min(16, self.count),
                                         seed=int(self.config.seed), text_format="auto")
     result, grid = toyworld_eval.evaluate(sampler, options, log=lambda _: None)
+    scores = {f"sample_acc_{t}": float(a) for t, a in result["accuracy"].items()}
+    if jax.process_index() != 0:  # every host generates (one program over the mesh); the first one writes
+      return scores
     os.makedirs(self.out_dir, exist_ok=True)
     stem = os.path.join(self.out_dir, f"step{step}")
     with open(stem + ".json", "w") as f:
@@ -79,6 +84,5 @@ class PeriodicSampler:
       from mmada_jax.models import image_io
 
       image_io.save_grid(grid, stem + ".png", nrow=8)
-    scores = {f"sample_acc_{t}": float(a) for t, a in result["accuracy"].items()}
     self.log(f"step {step} samples: " + ", ".join(f"{k}={v:.3f}" for k, v in scores.items()) + f" ({stem}.md)")
     return scores

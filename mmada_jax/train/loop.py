@@ -200,6 +200,11 @@ def train(run: Run, log: Callable[[str], None] = print, progress: bool = True) -
   pending, last = None, {}
   t_prev = time.perf_counter()
   finish = lambda p: _finish(p, run, peak, writer, bar, log)
+  sampler = None
+  if int(config.train.sample_every):
+    from mmada_jax.eval import periodic
+
+    sampler = periodic.PeriodicSampler(config, run.model, run.workdir, log=log)
   try:
     with faults.StopRequest(log) as stop:
       for step in range(start, total):
@@ -216,10 +221,16 @@ def train(run: Run, log: Callable[[str], None] = print, progress: bool = True) -
         faults.inject("sigterm", done)
         evaluate_now = config.train.eval_batches > 0 and ((every and done % every == 0) or done == total)
         save_now = done % int(config.checkpoint.save_every_steps) == 0 or done == total
-        if evaluate_now or save_now or stop.requested:  # this step's row is written before its checkpoint
+        sample_now = sampler is not None and sampler.due(done, total)
+        if evaluate_now or save_now or sample_now or stop.requested:  # this step's rows precede its checkpoint
           last, pending = finish(pending), None
         if evaluate_now:
           scores = evaluate(run)
+          writer.write(done, scores)
+          last.update(scores)
+        if sample_now:
+          with partitioning.axis_rules(run.mesh, run.rules):
+            scores = sampler(done, run.state.params)
           writer.write(done, scores)
           last.update(scores)
         if save_now or stop.requested:
