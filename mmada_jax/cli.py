@@ -10,6 +10,7 @@
   mmada-jax convert SRC DST [--layout stacked|unstacked] [--config FILE] [--overwrite]
   mmada-jax toyworld build|check|tokenizer [--config FILE] [...]
   mmada-jax prepare --config ... --source SPEC --out DIR   (image(+text) -> ArrayRecord shards of token ids)
+  mmada-jax bench   train|generate|t2i|rl|magvit [--json] [--config.key=value ...]
 
 `convert` looks at SRC: an official Hugging Face directory (config.json + *.safetensors) is imported into an Orbax
 parameter checkpoint at DST; an mmada-jax parameter checkpoint is exported to an official directory at DST.
@@ -227,6 +228,13 @@ def cmd_prepare(argv: list[str]) -> int:
   return prepare.main_prepare(argv)
 
 
+def cmd_bench(argv: list[str]) -> int:
+  """Benchmarks: train, generate, t2i, rl, magvit (median/min/max, compile time, tokens/s, FLOP/s, MFU, memory)."""
+  from mmada_jax.bench import cli as bench_cli
+
+  return bench_cli.main_bench(argv)
+
+
 def cmd_toyworld(argv: list[str]) -> int:
   """ToyWorld data set: `build` (ArrayRecord splits), `check` (image checker accuracy), `tokenizer`."""
   from mmada_jax.data import toyworld_tfds
@@ -237,7 +245,7 @@ def cmd_toyworld(argv: list[str]) -> int:
 COMMANDS: dict[str, Callable[[list[str]], int]] = {"info": cmd_info, "convert": cmd_convert, "train": cmd_train,
                                                     "rl": cmd_rl, "compile": cmd_compile, "sample": cmd_sample, "eval": cmd_eval,
                                                     "toyworld": cmd_toyworld, "demo": cmd_demo,
-                                                    "prepare": cmd_prepare}
+                                                    "prepare": cmd_prepare, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

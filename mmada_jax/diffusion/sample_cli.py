@@ -32,7 +32,6 @@ import dataclasses
 import functools
 import os
 import re
-import statistics
 import sys
 import time
 from typing import Any, Callable, Iterator, Sequence
@@ -544,68 +543,15 @@ def run_mmu(sampler: Sampler, image: str, questions: list[str], settings, seed: 
 # Bench
 
 
-def _bench_settings(variant: str, args) -> Any:
-  from mmada_jax.diffusion import sampling_text as st
-
-  extra = {}
-  for part in filter(None, variant.split("+")):
-    if part == "exact":
-      continue
-    if part == "dual_cache":
-      extra["dual_cache"] = True
-    elif part.startswith("threshold="):
-      extra["threshold"] = float(part.split("=", 1)[1])
-    else:
-      raise config_lib.ConfigError(f"--variants: unknown variant {part!r} (exact, dual_cache, threshold=P)")
-  return st.TextSampling(gen_length=args.gen_length, block_length=args.block_length, steps=args.steps, **extra)
-
-
-def bench_text(config, batches: list[int], variants: list[str], args, log=print) -> list[dict]:
-  """Times `sampling_text.generate` per batch size and variant; returns one result dict per pair."""
-  from mmada_jax.diffusion import sampling_text as st
-  from mmada_jax.models import llada
-
-  model = llada.build_model(config.model)
-  params = llada.init_params(model, jax.random.key(config.seed))
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  log(f"model: {n_params:,} parameters, {config.model.dtype}, devices: {jax.devices()[0].platform} x "
-      f"{len(jax.devices())}")
-  results = []
-  for variant in variants:
-    settings = _bench_settings(variant, args)
-    for batch in batches:
-      prompt = np.random.default_rng(0).integers(0, config.vocab.mask_id, (batch, args.prompt_len))
-      run = lambda: jax.block_until_ready(st.generate(model, params, prompt, mask_id=config.vocab.mask_id,
-                                                      settings=settings))
-      t0 = time.perf_counter()
-      out = run()
-      first = time.perf_counter() - t0
-      times = []
-      for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        out = run()
-        times.append(time.perf_counter() - t0)
-      med, calls = statistics.median(times), int(out["calls"])
-      res = {"variant": variant, "batch": batch, "first_call_s": first, "median_s": med, "times_s": times,
-             "model_calls": calls, "tokens_per_s": batch * args.gen_length / med, "calls_per_s": calls / med}
-      log(f"{variant:>24} batch {batch:>3}: {med:8.3f} s median of {args.repeats} (first call {first:.2f} s), "
-          f"{calls} model calls, {res['tokens_per_s']:.1f} tokens/s, {res['calls_per_s']:.2f} forward passes/s")
-      results.append(res)
-  return results
-
-
 def _run_bench(config, args) -> int:
+  """`sample bench`: the text-generation workload of `mmada-jax bench generate` (mmada_jax/bench/workloads.py)."""
+  from mmada_jax.bench import workloads
+
   try:
-    batches = [int(b) for b in args.batch.split(",") if b]
-  except ValueError:
-    raise config_lib.ConfigError(f"--batch must be comma-separated integers, got {args.batch!r}") from None
-  try:
-    variants = [v for v in args.variants.split(",") if v]
-    for v in variants:
-      _bench_settings(v, args)
+    variants = workloads.generate_variants(argparse.Namespace(**vars(args), dual_cache=False, threshold=None))
   except ValueError as e:
-    raise config_lib.ConfigError(f"sampler settings: {e}") from None
-  bench_text(config, batches, variants, args)
+    raise config_lib.ConfigError(str(e)) from None
+  workloads.bench_text(config, workloads.parse_batches(args.batch), variants, args)
   return 0
 
 

@@ -188,6 +188,7 @@ def _step(k: Array, state: dict, ctx: dict, layout: _Layout, settings: ImageSamp
 def _t2i(model, params, input_ids, attention_mask, uncond_input_ids, uncond_attention_mask, noise, key, *,
          settings: ImageSampling, layout: _Layout) -> dict:
   batch, n = input_ids.shape[0], layout.num_tokens
+  params = llada.compute_params(params, model.args)  # bf16 compute: cast the weights once, not at every step
   ids = input_ids.astype(jnp.int32)
   image = ids[:, layout.first:layout.first + n]
   codes = jnp.where(image == layout.mask_id, layout.mask_id, image - layout.image_offset)

@@ -239,8 +239,8 @@ def _layer(lp: Any, x: Array, positions: Array, cache: tuple | None, bias: Array
   sin, cos = layers.rope_tables(positions, args.head_dim, args.rope_theta)
   h = _rms(x, lp["attn_norm"]["scale"], args.norm_eps)
   a = lp["attn"]
-  proj = lambda name: layers.matmul("bld,dhk->blhk", h, a[name]["kernel"], args)
-  q, k, v = layers.apply_rope(proj("q_proj"), sin, cos), layers.apply_rope(proj("k_proj"), sin, cos), proj("v_proj")
+  q, k, v = layers.qkv_projections(h, [a[n]["kernel"] for n in ("q_proj", "k_proj", "v_proj")], args)
+  q, k = layers.apply_rope(q, sin, cos), layers.apply_rope(k, sin, cos)
   k_all, v_all = k, v
   if cache is not None:
     k_all = jax.lax.dynamic_update_slice_in_dim(cache[0], k, cache[2], axis=1)
@@ -249,8 +249,7 @@ def _layer(lp: Any, x: Array, positions: Array, cache: tuple | None, bias: Array
   x = x + layers.matmul("blhk,hkd->bld", out, a["attn_out"]["kernel"], args)
   h = _rms(x, lp["ff_norm"]["scale"], args.norm_eps)
   m = lp["mlp"]
-  gate = layers.matmul("bld,df->blf", h, m["ff_proj"]["kernel"], args)
-  up = layers.matmul("bld,df->blf", h, m["up_proj"]["kernel"], args)
+  gate, up = layers.stacked_matmul("bld,df->blf", h, [m["ff_proj"]["kernel"], m["up_proj"]["kernel"]], args)
   x = x + layers.matmul("blf,fd->bld", jax.nn.silu(gate) * up, m["ff_out"]["kernel"], args)
   return x, k, v
 
@@ -377,6 +376,7 @@ def _generate(model: llada.Transformer, params: Any, prompt: Array, prompt_mask:
   pad = None
   if prompt_mask is not None:
     pad = jnp.concatenate([prompt_mask.astype(bool), jnp.ones((batch, s.gen_length), bool)], axis=1)
+  params = llada.compute_params(params, model.args)  # bf16 compute: cast the weights once, not at every call
   fwd = _Forward(model, params, s, mask_id, key, prompt_index=x != mask_id, pad=pad)
   state = {"x": x, "block": jnp.int32(0), "calls": jnp.int32(0)}
   if s.trace:

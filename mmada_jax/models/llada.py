@@ -19,6 +19,7 @@ The unstacked layout (`scan_layers=False`) has `blocks_0`, `blocks_1`, ... witho
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -135,6 +136,18 @@ class Transformer(nn.Module):
       x, x_in = block_cls(a, collect, name=f"blocks_{i}")(x, bias, sin, cos)
       inputs.append(x_in)
     return x, (jnp.stack(inputs) if collect else None)
+
+
+def compute_params(params: Any, args: ModelArgs) -> Any:
+  """The parameters cast to the compute dtype (`model.dtype`), for inference loops that call the model many times.
+
+  Exact: every use of a parameter casts it to the compute dtype first (matmul operands, RMSNorm scales, the embedding
+  rows), so casting once up front gives the same numbers and saves re-reading fp32 master weights at every call.
+  A no-op when the parameters already are in that dtype.
+  """
+  if jnp.dtype(args.param_dtype) == jnp.dtype(args.dtype):
+    return params
+  return jax.tree.map(lambda p: p.astype(args.dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
 
 
 def build_model(model_config) -> Transformer:

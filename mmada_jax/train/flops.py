@@ -21,21 +21,27 @@ PEAK_TFLOPS = {
 }
 
 
-def forward_flops(model_config, length: int, head_positions: int) -> float:
+def per_token_flops(model_config) -> float:
+  """FLOPs of the blocks' projections and MLPs for one token (attention scores and the head excluded)."""
+  from mmada_jax.config import head_dim
+
+  m = model_config
+  attn_proj = 2 * m.d_model * head_dim(m) * (2 * m.num_heads + 2 * m.num_kv_heads)  # q, out: heads; k, v: kv heads
+  mlp = 2 * 3 * m.d_model * m.mlp_hidden
+  return float(m.num_layers * (attn_proj + mlp))
+
+
+def forward_flops(model_config, length: int, head_positions: float) -> float:
   """FLOPs of one forward pass over one sequence of `length` tokens with the head at `head_positions` positions."""
   from mmada_jax.config import head_dim
 
   m = model_config
-  hd = head_dim(m)
-  attn_proj = 2 * m.d_model * hd * (2 * m.num_heads + 2 * m.num_kv_heads)  # q, out: heads; k, v: kv heads
-  mlp = 2 * 3 * m.d_model * m.mlp_hidden
-  per_token = m.num_layers * (attn_proj + mlp)
-  attention = m.num_layers * 4 * length * length * m.num_heads * hd
+  attention = m.num_layers * 4 * length * length * m.num_heads * head_dim(m)
   head = 2 * m.d_model * m.vocab_size * head_positions
-  return float(per_token * length + attention + head)
+  return float(per_token_flops(m) * length + attention + head)
 
 
-def train_step_flops(model_config, rows: int, length: int, head_positions_per_row: int) -> float:
+def train_step_flops(model_config, rows: int, length: int, head_positions_per_row: float) -> float:
   return 3.0 * rows * forward_flops(model_config, length, head_positions_per_row)
 
 
@@ -52,10 +58,14 @@ def peak_flops_per_device(override_tflops: float = 0.0) -> float | None:
   return None
 
 
-def measure_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
-  """Best fp32 matmul throughput of the default device (FLOP/s), as a practical CPU peak."""
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
+def measure_matmul_flops(n: int = 1024, repeats: int = 5, dtype=jnp.float32) -> float:
+  """Best matmul throughput of the default device (FLOP/s), as a practical CPU peak.
+
+  `dtype` is the operand dtype; the product accumulates in fp32 (`preferred_element_type`), the form the model's
+  matmuls take (for bf16 on CPUs with AMX this is ~3x the fp32 rate).
+  """
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
   f(a).block_until_ready()
   best = float("inf")
   for _ in range(repeats):
