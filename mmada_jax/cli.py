@@ -143,6 +143,9 @@ def cmd_train(argv: list[str]) -> int:
   if args.init_from:
     overrides["train.init_from"] = args.init_from
   config = config_lib.load_config(path, overrides)
+  from mmada_jax.parallel import distributed
+
+  distributed.initialize()  # several hosts (Cloud TPU pod, Slurm, MMADA_COORDINATOR ...): join them; else nothing
   print(config, flush=True)  # the resolved config (also saved as WORKDIR/config.json)
   from mmada_jax.diffusion.losses import Objective
   from mmada_jax.train import data_setup, loop
@@ -155,18 +158,24 @@ def cmd_train(argv: list[str]) -> int:
 
 def cmd_rl(argv: list[str]) -> int:
   """UniGRPO post-training (rollouts, rewards, the vmapped policy step); rerunning the same workdir resumes."""
+  from mmada_jax.parallel import distributed
   from mmada_jax.rl import loop as rl_loop
 
+  distributed.initialize()
   return rl_loop.main_rl(argv)
 
 
 def cmd_compile(argv: list[str]) -> int:
-  """AOT-compiles the train step for a TPU topology; exit status 3 when it does not fit in HBM."""
+  """AOT-compiles the train step (or the UniGRPO step) for a TPU topology; exit status 3 when it does not fit in HBM."""
   config, rest = _load(argv)
-  p = _parser("compile", "Compile the train step for a Cloud TPU topology from this host (needs libtpu) and "
-                         "report per-chip memory, XLA's step-time estimate and MFU.")
+  p = _parser("compile", "Compile the train step or the UniGRPO step for a Cloud TPU topology from this host (needs "
+                         "libtpu) and report per-chip memory, XLA's step-time estimate and MFU. "
+                         "Exit status 3: does not fit.")
   p.add_argument("--topology", required=True, help="e.g. v4-32, v5e-16, v5p-128, v6e-256")
   p.add_argument("--num_slices", type=int, default=1, help="multislice: number of slices joined over DCN")
+  p.add_argument("--step", choices=("train", "rl"), default="train",
+                 help="train: the masked-denoising train step; rl: UniGRPO's policy step and log-prob precompute "
+                      "(shapes from the config's rl section)")
   args = p.parse_args(rest)
   import json
 
@@ -176,27 +185,30 @@ def cmd_compile(argv: list[str]) -> int:
 
   devices, chip = aot.tpu_devices(args.topology, args.num_slices)
   print(f"{args.topology} x {args.num_slices} slice(s): {len(devices)} chips ({devices[0].device_kind}), "
-        f"{chip.hbm_gib:g} GiB HBM each; preset {config.sharding.preset!r}", flush=True)
+        f"{chip.hbm_gib:g} GiB HBM each; preset {config.sharding.preset!r}; {args.step} step", flush=True)
+  compile_fn = aot.compile_rl_step if args.step == "rl" else aot.compile_train_step
   try:
-    compiled, facts = aot.compile_train_step(config, devices)
+    programs, facts = compile_fn(config, devices)
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     print(json.dumps({"fits": False, "error": str(e).splitlines()[0]}))
     print(f"DOES NOT FIT: {str(e).splitlines()[0]}")
     return 3
-  rep = aot.report(compiled, chip, config, facts["batch"], len(devices))
-  print(json.dumps({"mesh": facts["mesh"], **{k: round(v, 4) if isinstance(v, float) else v
-                                              for k, v in rep.items()}}))
-  verdict = "fits" if rep["fits"] else "DOES NOT FIT"
-  print(f"{verdict}: {rep['total_gib']:.2f} of {rep['hbm_gib']:g} GiB per chip (arguments {rep['arguments_gib']:.2f}, "
-        f"temporaries {rep['temporaries_gib']:.2f})")
-  if "estimated_mfu" in rep:
-    print(f"XLA cost model: {rep['xla_estimated_step_s']:.3f} s/step, MFU {rep['estimated_mfu']:.1%}")
-  else:
+  reports = [aot.report(program, chip, len(devices)) for program in programs]
+  for program, rep in zip(programs, reports):
+    print(json.dumps({"mesh": facts["mesh"], **{k: round(v, 4) if isinstance(v, float) else v
+                                                for k, v in rep.items()}}))
+    verdict = "fits" if rep["fits"] else "DOES NOT FIT"
+    extra = f", other resident buffers {rep['resident_gib']:.2f}" if rep["resident_gib"] else ""
+    print(f"{program.name}: {verdict}: {rep['total_gib']:.2f} of {rep['hbm_gib']:g} GiB per chip (arguments "
+          f"{rep['arguments_gib']:.2f}, temporaries {rep['temporaries_gib']:.2f}{extra})")
+    if "estimated_mfu" in rep:
+      print(f"  XLA cost model: {rep['xla_estimated_step_s']:.3f} s/step, MFU {rep['estimated_mfu']:.1%}")
+  if "estimated_mfu" not in reports[0]:
     print("XLA's cost model counts a loop body once; for a step-time / MFU estimate compile with "
-          "--config.model.scan_layers=false --config.train.micro_batches=1 (slower to compile)")
-  return 0 if rep["fits"] else 3
+          "--config.model.scan_layers=false and one micro-batch (slower to compile)")
+  return 0 if all(rep["fits"] for rep in reports) else 3
 
 
 def cmd_sample(argv: list[str]) -> int:

@@ -1,6 +1,7 @@
 """AOT compilation of the train step for TPU topologies from this CPU host (needs libtpu: pip install -e '.[tpu]')."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pytest
 from mmada_jax.parallel import aot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "experiments", "tiny.py")
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu not installed (pip install -e '.[tpu]'); "
                                   ".ci/run installs it so these run in CI")
@@ -47,3 +49,51 @@ def test_8b_does_not_fit_on_v5e_4():
                  "--config.data.batch_size_t2i=8", "--config.data.batch_size_lm=8", "--config.data.batch_size_mmu=8")
   assert res.returncode == 3, res.stdout + res.stderr[-3000:]
   assert "DOES NOT FIT" in res.stdout
+
+
+@needs_libtpu
+def test_tiny_unigrpo_step_fits_on_v5e_4():
+  """`--step rl`: UniGRPO's policy step and its log-prob precompute, both reported (the reference counted)."""
+  res = _compile("--config", TINY, "--topology", "v5e-4", "--step", "rl", "--config.rl.prompt_len=16",
+                 "--config.rl.gen_length=16", "--config.rl.block_length=16", "--config.rl.masks_per_step=2",
+                 "--config.rl.micro_batches=2")
+  assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+  assert "UniGRPO policy step: fits:" in res.stdout and "UniGRPO old/reference log-probs: fits:" in res.stdout
+  reports = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+  assert [r["program"] for r in reports] == ["UniGRPO policy step", "UniGRPO old/reference log-probs"]
+  assert reports[0]["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert reports[0]["resident_gib"] > 0 and reports[1]["resident_gib"] > reports[0]["resident_gib"]  # ref; Adam
+
+
+def test_rl_batch_must_split_over_the_batch_shards():
+  from mmada_jax import config as config_lib
+  from mmada_jax.parallel import mesh as mesh_lib, rules as rules_lib
+
+  config = config_lib.load_config(TINY, {"rl.prompts_per_step": "3", "rl.group_size": "3"})
+  mesh = mesh_lib.create_mesh(config.sharding)
+  with pytest.raises(ValueError, match="9 rows .* not divisible by the 8 batch shards"):
+    aot.rl_abstract_batch(config, mesh, rules_lib.resolve_rules("fsdp"), True)
+
+
+@needs_libtpu
+def test_multislice_dp_fsdp_puts_data_over_dcn():
+  """Two v5e-4 slices: the `dp_fsdp` preset's hybrid mesh has data = 2 (one per slice, DCN), fsdp = 4 (ICI)."""
+  res = _compile("--config", TINY, "--topology", "v5e-4", "--num_slices", "2", "--config.sharding.preset=dp_fsdp",
+                 "--config.data.batch_size_t2i=8", "--config.data.batch_size_lm=8", "--config.data.batch_size_mmu=8")
+  assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+  assert "v5e-4 x 2 slice(s): 8 chips" in res.stdout
+  report = json.loads(next(line for line in res.stdout.splitlines() if line.startswith("{")))
+  assert report["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1} and report["fits"]
+
+
+def test_head_groups_resolve_to_the_target_device_count():
+  """`loss.head_groups = 0` means the device count *where the step runs*: the compile must use the topology's, not
+  this host's (with 1 group the gathered head would evaluate the logits of the whole global batch at once)."""
+  from mmada_jax import config as config_lib
+
+  config = config_lib.load_config(TINY)
+  assert config.loss.head_groups == 0
+  resolved = aot.for_devices(config, list(range(32)))
+  assert resolved.loss.head_groups == 32 and config.loss.head_groups == 0  # the caller's config is untouched
+  explicit = config_lib.load_config(TINY, {"loss.head_groups": "4"})
+  assert aot.for_devices(explicit, list(range(32))).loss.head_groups == 4

@@ -96,7 +96,8 @@ def validate_sharding_config(s) -> list[str]:
       errors.append(f"sharding.{level}: unknown mesh axes {unknown} (mesh axes: {list(MESH_AXES)})")
     for axis, size in sizes.items():
       if not isinstance(size, int) or (size < 1 and size not in (0, -1)):
-        errors.append(f"sharding.{level}.{axis}: must be a positive size, -1 (fill) or 0 (preset default), got {size!r}")
+        errors.append(f"sharding.{level}.{axis}: must be a positive size, -1 (fill) or 0 (preset default), "
+                      f"got {size!r}")
   for name, value in s.rule_overrides.items():
     if name not in LOGICAL_AXES:
       errors.append(f"sharding.rule_overrides.{name}: unknown logical axis (known: {list(LOGICAL_AXES)})")
