@@ -142,3 +142,39 @@ def test_periodic_sampler_task_errors():
   assert periodic.sample_tasks(load_config(**{"train.sample_every": "5", "train.sample_tasks": "text"})) == ("text",)
   with pytest.raises(ValueError, match=r"unknown task\(s\) \['audio'\]"):
     periodic.sample_tasks(load_config(**{"train.sample_tasks": "text,audio"}))
+
+
+def test_eval_t2i_clip_score_from_injected_embedders(ckpts):
+  """The CLIP score path of `eval_t2i` (`mmada-jax eval --clip DIR` loads real CLIP weights into the same hook)."""
+  import jax
+  import numpy as np
+
+  from mmada_jax.diffusion import sample_cli
+  from mmada_jax.rl import rewards
+
+  config = load_config(**{"data.image_tokenizer": ckpts["magvit"]})
+  sampler = sample_cli.Sampler.load(config, params=ckpts["params"], need_images=True, log=lambda _: None)
+  records = [tw.ToyWorld.from_config(config).example("test", i) for i in range(3)]
+  seen = []
+
+  def image_embed(images):
+    seen.append(images.shape)
+    return np.tile([1.0, 0.0], (len(images), 1))
+
+  aligned = rewards.ClipScore(image_embed, lambda texts: np.tile([1.0, 0.0], (len(texts), 1)))
+  half = rewards.ClipScore(image_embed, lambda texts: np.tile([1.0, 1.0], (len(texts), 1)))
+  settings = sample_cli.image_settings(config)
+  res, _ = te.eval_t2i(sampler, records, settings, 2, jax.random.key(0), clip=aligned)
+  assert res["clip_score"] == pytest.approx(100.0) and [s[0] for s in seen] == [2, 1]  # padding repeats not scored
+  res, _ = te.eval_t2i(sampler, records, settings, 2, jax.random.key(0), clip=half)
+  assert res["clip_score"] == pytest.approx(100.0 / np.sqrt(2.0))
+  assert "| t2i | CLIP score (×100) | 70.71 | 3 |" in te.format_table({"tasks": {"t2i": res}})
+
+
+def test_eval_clip_needs_t2i_and_local_weights(ckpts, tmp_path):
+  args = ["--params", ckpts["params"], "--magvit", ckpts["magvit"], "--count", "1"]
+  with pytest.raises(config_lib.ConfigError, match="add t2i to --tasks"):
+    te.main_eval(args + ["--tasks", "text", "--clip", str(tmp_path)] + config_args())
+  with pytest.raises(ValueError, match="no such directory"):
+    te.main_eval(args + ["--tasks", "t2i", "--clip", str(tmp_path / "missing"), "--out", str(tmp_path / "o.json")]
+                 + config_args())

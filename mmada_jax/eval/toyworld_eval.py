@@ -149,21 +149,29 @@ def eval_mmu(sampler, records: Sequence[dict], settings, batch_size: int, key, c
   return out
 
 
-def eval_t2i(sampler, records: Sequence[dict], settings, batch_size: int, key) -> tuple[dict, np.ndarray]:
-  """Drawing prompts -> images checked by the pixel checker; returns (summary, the first GRID_IMAGES images)."""
+def eval_t2i(sampler, records: Sequence[dict], settings, batch_size: int, key,
+             clip: Callable | None = None) -> tuple[dict, np.ndarray]:
+  """Drawing prompts -> images checked by the pixel checker; returns (summary, the first GRID_IMAGES images).
+
+  `clip` (an `rl.rewards.ClipScore`): also the mean CLIP score of image vs prompt, ×100 as usually reported."""
   import jax
 
   from mmada_jax.data import toyworld_checkers as checkers
 
   prompts = [r["draw_prompt"] for r in records]
-  correct, kept = [], []
+  correct, kept, clip_scores = [], [], []
   for i, idx in enumerate(padded_batches(len(records), batch_size)):
     _, images = sampler.generate_images([prompts[j] for j in idx], settings, jax.random.fold_in(key, i))
-    for j, image in zip(idx[:len(set(idx))], images):
+    unique = idx[:len(set(idx))]
+    for j, image in zip(unique, images):
       correct.append(bool(checkers.check_draw(image, records[j])))
       if len(kept) < GRID_IMAGES:
         kept.append(image)
+    if clip is not None:
+      clip_scores += list(clip([{"image": image, "prompt": prompts[j]} for j, image in zip(unique, images)]))
   out = _summary(correct, [r["draw_kind"] for r in records], ["<image>"] * len(records), prompts, prompts)
+  if clip is not None:
+    out["clip_score"] = 100.0 * float(np.mean(clip_scores))
   for e in out["examples"]:
     del e["answer"], e["reference"]
   return out, np.stack(kept)
@@ -181,6 +189,7 @@ class EvalOptions:
   batch_size: int = 16
   seed: int = 0
   text_format: str = "auto"
+  clip: Callable | None = None  # an rl.rewards.ClipScore: CLIP score of the t2i images (`--clip DIR`)
 
 
 def evaluate(sampler, options: EvalOptions, log: Callable[[str], None] = print) -> tuple[dict, np.ndarray | None]:
@@ -207,7 +216,7 @@ def evaluate(sampler, options: EvalOptions, log: Callable[[str], None] = print) 
       res = eval_mmu(sampler, records, text_s, batch, task_key, cot=mmu_cot(config))
     else:
       image_s = sample_cli.image_settings(config)
-      res, grid = eval_t2i(sampler, records, image_s, batch, task_key)
+      res, grid = eval_t2i(sampler, records, image_s, batch, task_key, clip=options.clip)
       result["settings"]["image"] = dataclasses.asdict(image_s)
     if task in ("text", "mmu"):
       result["settings"]["text"] = dataclasses.asdict(text_s)
@@ -227,6 +236,8 @@ def format_table(result: dict) -> str:
       rows.append(f"| {task} | {kind} | {sub['accuracy']:.3f} | {sub['count']} |")
     if "format" in res:
       rows.append(f"| {task} | `<think>` format | {res['format']:.3f} | {res['count']} |")
+    if "clip_score" in res:
+      rows.append(f"| {task} | CLIP score (×100) | {res['clip_score']:.2f} | {res['count']} |")
   return "\n".join(rows)
 
 
@@ -247,6 +258,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--batch_size", type=int, default=16, help="rows per sampler call")
   p.add_argument("--text_format", choices=TEXT_FORMATS, default="auto", help="prompt format of the text task")
   p.add_argument("--seed", type=int, help="PRNG seed of the sampler noise (default: config seed)")
+  p.add_argument("--clip", help="local Hugging Face CLIP directory (Flax weights, needs `transformers`): also report "
+                                "the CLIP score of the t2i images against their prompts")
   p.add_argument("--out", help="JSON output path (default: WORKDIR/eval/toyworld_step<N>.json or ./toyworld_eval.json)")
   p.add_argument("--overwrite", action="store_true", help="replace existing output files")
   return p
@@ -307,8 +320,15 @@ def main_eval(argv: list[str]) -> int:
   log = lambda msg: print(msg, file=sys.stderr, flush=True)
   sampler = sample_cli.Sampler.load(config, params=args.params, workdir=args.workdir, step=args.step,
                                     magvit=args.magvit, need_images=any(t != "text" for t in tasks), log=log)
+  clip = None
+  if args.clip:
+    from mmada_jax.rl import rewards
+
+    if "t2i" not in tasks:
+      raise config_lib.ConfigError("--clip scores text-to-image samples: add t2i to --tasks")
+    clip = rewards.load_clip(args.clip)
   options = EvalOptions(tasks=tasks, count=args.count, start=args.start, batch_size=args.batch_size,
-                        seed=config.seed if args.seed is None else args.seed, text_format=args.text_format)
+                        seed=config.seed if args.seed is None else args.seed, text_format=args.text_format, clip=clip)
   result, grid = evaluate(sampler, options, log=log)
   table = format_table(result)
   print(table)
