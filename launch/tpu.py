@@ -4,7 +4,7 @@
   python launch/tpu.py create --name mmada --zone us-east5-a --accelerator_type v5p-64 [--num_slices 2] [--spot]
   python launch/tpu.py setup  --name mmada --zone us-east5-a            # copy this checkout, pip install -e '.[tpu]'
   python launch/tpu.py run    --name mmada --zone us-east5-a -- train --config experiments/mmada_8b_stages.py:1.1 \\
-      --workdir gs://BUCKET/runs/stage1_1
+      --workdir /mnt/runs/stage1_1
   python launch/tpu.py logs   --name mmada --zone us-east5-a --out logs/  # one file per worker
   python launch/tpu.py status | stop | delete --name mmada --zone us-east5-a
 
@@ -132,7 +132,7 @@ def run_command(args, command: list[str]) -> str:
   """The shell line every worker runs: the mmada-jax command, detached with its log, unless --attach."""
   if not command:
     raise SystemExit("run: give the mmada-jax command after `--`, e.g. -- train --config experiments/... "
-                     "--workdir gs://...")
+                     "--workdir /mnt/runs/...")
   job = f"{common.env_exports(args.env)}cd {REMOTE_DIR} && {REMOTE_VENV}/bin/python -m mmada_jax.cli " + \
       shlex.join(command)
   if args.attach:

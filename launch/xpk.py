@@ -3,7 +3,7 @@
 
   python launch/xpk.py cluster  --cluster mmada --tpu_type v5p-128 --num_slices 2 --zone us-east5-a --reservation R
   python launch/xpk.py workload --cluster mmada --tpu_type v5p-128 --num_slices 2 --zone us-east5-a \\
-      --workload stage1-1 -- train --config experiments/mmada_8b_stages.py:1.1 --workdir gs://BUCKET/runs/stage1_1
+      --workload stage1-1 -- train --config experiments/mmada_8b_stages.py:1.1 --workdir /mnt/runs/stage1_1
   python launch/xpk.py list | delete --cluster mmada --workload stage1-1 --zone us-east5-a
 
 `workload` builds the container from `--base_docker_image` with this checkout as the script directory (xpk copies it
@@ -69,7 +69,7 @@ def workload_command(args, command: list[str]) -> list[str]:
     raise SystemExit("workload needs --tpu_type and --workload")
   if not command:
     raise SystemExit("workload: give the mmada-jax command after `--`, e.g. -- train --config experiments/... "
-                     "--workdir gs://...")
+                     "--workdir /mnt/runs/...")
   job = "python3 -m mmada_jax.cli " + shlex.join(command)
   if args.docker_image:
     image = [f"--docker-image={args.docker_image}"]
