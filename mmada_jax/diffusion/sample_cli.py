@@ -80,17 +80,23 @@ def _explicit(overrides: dict[str, str], section: str) -> set[str]:
   return {k[len(prefix):] for k in overrides if k.startswith(prefix)}
 
 
+def _merged(section, presets: dict, kind: str, preset: str | None, explicit: set[str], flags: dict) -> dict:
+  """The config section's values, then the preset's (except the `explicit` keys), then the non-None `flags`."""
+  values = dict(section)
+  if preset:
+    if preset not in presets:
+      raise SampleError(f"--preset {preset!r}: unknown {kind} preset (known: {', '.join(presets)})")
+    values.update({k: v for k, v in presets[preset].items() if k not in explicit})
+  values.update({k: v for k, v in flags.items() if v is not None})
+  return values
+
+
 def text_settings(config, preset: str | None = None, explicit: set[str] = frozenset(), **flags) -> Any:
   """`TextSampling` from `config.sampling.text`, then `TEXT_PRESETS[preset]` (except the keys in `explicit`, which
   came from `--config.sampling.text.*`), then the non-None `flags`."""
   from mmada_jax.diffusion import sampling_text as st
 
-  values = dict(config.sampling.text)
-  if preset:
-    if preset not in TEXT_PRESETS:
-      raise SampleError(f"--preset {preset!r}: unknown text preset (known: {', '.join(TEXT_PRESETS)})")
-    values.update({k: v for k, v in TEXT_PRESETS[preset].items() if k not in explicit})
-  values.update({k: v for k, v in flags.items() if v is not None})
+  values = _merged(config.sampling.text, TEXT_PRESETS, "text", preset, explicit, flags)
   try:
     return st.TextSampling.from_config(values, eot_id=int(config.vocab.eot_id))
   except ValueError as e:
@@ -101,12 +107,7 @@ def image_settings(config, preset: str | None = None, explicit: set[str] = froze
   """`ImageSampling` from `config.sampling.image`, then `IMAGE_PRESETS[preset]`, then the non-None `flags`."""
   from mmada_jax.diffusion import sampling_image as si
 
-  values = dict(config.sampling.image)
-  if preset:
-    if preset not in IMAGE_PRESETS:
-      raise SampleError(f"--preset {preset!r}: unknown image preset (known: {', '.join(IMAGE_PRESETS)})")
-    values.update({k: v for k, v in IMAGE_PRESETS[preset].items() if k not in explicit})
-  values.update({k: v for k, v in flags.items() if v is not None})
+  values = _merged(config.sampling.image, IMAGE_PRESETS, "image", preset, explicit, flags)
   try:
     return si.ImageSampling.from_config(values)
   except ValueError as e:

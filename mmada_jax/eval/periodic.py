@@ -16,7 +16,6 @@ for sources other than `toyworld` and `tokens:` directories (which must then hav
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Callable
 
@@ -73,16 +72,8 @@ class PeriodicSampler:
     scores = {f"sample_acc_{t}": float(a) for t, a in result["accuracy"].items()}
     if jax.process_index() != 0:  # every host generates (one program over the mesh); the first one writes
       return scores
-    os.makedirs(self.out_dir, exist_ok=True)
     stem = os.path.join(self.out_dir, f"step{step}")
-    with open(stem + ".json", "w") as f:
-      json.dump(result, f, indent=1)
-    table = toyworld_eval.format_table(result)
-    with open(stem + ".md", "w") as f:
-      f.write(f"# ToyWorld samples at step {step}\n\n{table}\n")
-    if grid is not None:
-      from mmada_jax.models import image_io
-
-      image_io.save_grid(grid, stem + ".png", nrow=8)
+    toyworld_eval.write_outputs(result, grid, {"json": stem + ".json", "md": stem + ".md", "png": stem + ".png"},
+                                f"ToyWorld samples at step {step}")
     self.log(f"step {step} samples: " + ", ".join(f"{k}={v:.3f}" for k, v in scores.items()) + f" ({stem}.md)")
     return scores

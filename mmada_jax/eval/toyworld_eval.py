@@ -241,6 +241,22 @@ def format_table(result: dict) -> str:
   return "\n".join(rows)
 
 
+def write_outputs(result: dict, grid: np.ndarray | None, paths: dict[str, str], title: str) -> list[str]:
+  """Writes the result JSON, the markdown table under `title` and (when there are t2i images) the PNG grid to
+  `paths["json"]`, `paths["md"]`, `paths["png"]`; returns the paths written."""
+  from mmada_jax.models import image_io
+
+  os.makedirs(os.path.dirname(os.path.abspath(paths["json"])), exist_ok=True)
+  with open(paths["json"], "w") as f:
+    json.dump(result, f, indent=1)
+  with open(paths["md"], "w") as f:
+    f.write(f"# {title}\n\n{format_table(result)}\n")
+  written = [paths["json"], paths["md"]]
+  if grid is not None:
+    written.append(image_io.save_grid(grid, paths["png"], nrow=8))
+  return written
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
 
@@ -299,7 +315,6 @@ def _check_free(paths: dict[str, str], overwrite: bool) -> None:
 def main_eval(argv: list[str]) -> int:
   """Entry point of `mmada-jax eval`; returns the exit status."""
   from mmada_jax.diffusion import sample_cli
-  from mmada_jax.models import image_io
 
   path, overrides, rest = config_lib.split_config_args(argv)
   args = _parser().parse_args(rest)
@@ -330,16 +345,8 @@ def main_eval(argv: list[str]) -> int:
   options = EvalOptions(tasks=tasks, count=args.count, start=args.start, batch_size=args.batch_size,
                         seed=config.seed if args.seed is None else args.seed, text_format=args.text_format, clip=clip)
   result, grid = evaluate(sampler, options, log=log)
-  table = format_table(result)
-  print(table)
-  os.makedirs(os.path.dirname(os.path.abspath(outputs["json"])), exist_ok=True)
-  with open(outputs["json"], "w") as f:
-    json.dump(result, f, indent=1)
-  with open(outputs["md"], "w") as f:
-    f.write(f"# ToyWorld evaluation: {result['checkpoint'].get('source')}\n\n{table}\n")
-  written = [outputs["json"], outputs["md"]]
-  if grid is not None:
-    written.append(image_io.save_grid(grid, outputs["png"], nrow=8))
+  print(format_table(result))
+  written = write_outputs(result, grid, outputs, f"ToyWorld evaluation: {result['checkpoint'].get('source')}")
   log("wrote " + ", ".join(written))
   return 0
 
