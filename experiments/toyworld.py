@@ -7,7 +7,8 @@ Variants (`experiments/toyworld.py:<stage>`):
 
 Images are 64 px, tokenized by the ToyWorld MAGVIT-v2 of `experiments/magvit_toyworld.py` (its `magvit` section is
 used as is; 16 x 16 = 256 codes of 10 bits); set `--config.data.image_tokenizer=PATH` to its checkpoint
-(`mmada-jax demo` trains one). The backbone is a 4-layer, d_model 128 LLaDA.
+(`mmada-jax demo` trains one). The backbone is a 4-layer, d_model 128 LLaDA. Text positions S (data.max_text_len): 56,
+and 120 for `cot`, whose CoT instruction alone takes 46 (a visual question whose answer does not fit is skipped).
 """
 
 import os
@@ -35,7 +36,7 @@ def get_config(arg: str | None = None):
   m.num_layers, m.d_model, m.num_heads, m.num_kv_heads, m.mlp_hidden = 4, 128, 4, 4, 384
   m.scan_layers, m.remat_policy = False, "none"  # unrolled is fastest on CPU at this size
   d = config.data
-  d.max_text_len = 48
+  d.max_text_len = 56  # text positions S: the longest visual question + answer (a 4-object caption) is 54 with BOS/EOS
   d.toyworld.image_size = 64
   d.batch_size_t2i, d.batch_size_lm, d.batch_size_mmu = 8, 8, 8
   o = config.optimizer
@@ -51,6 +52,7 @@ def get_config(arg: str | None = None):
     lc.coeff_t2i, lc.coeff_lm, lc.coeff_mmu = 1.0, 0.5, 0.5
     lc.lm_normalisation = "answer"
     d.lm_sources, d.mmu_sources = ("toyworld:chat",), ("toyworld:cot",)
+    d.max_text_len = 120  # the CoT instruction + question + <think> answer: up to 118 positions with BOS/EOS
     o.learning_rate, o.warmup_steps = 5e-4, 20
   if stage == "text":
     d.batch_size_t2i, d.batch_size_mmu = 0, 0

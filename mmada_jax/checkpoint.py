@@ -36,10 +36,13 @@ def _type_handlers():
   copy would double the memory of converting an 8B checkpoint (measured with `python -m mmada_jax.convert.memcheck`).
   """
   th = ocp.type_handlers
+  try:
+    numpy_handler = th.NumpyHandler(deepcopy_host_arrays=False)
+  except TypeError:  # older orbax-checkpoint has no such option: its default handler
+    numpy_handler = th.NumpyHandler()
   return th.create_type_handler_registry(
       (int, th.ScalarHandler()), (float, th.ScalarHandler()), (np.number, th.ScalarHandler()),
-      (np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)), (jax.Array, th.ArrayHandler()),
-      (str, th.StringHandler()))
+      (np.ndarray, numpy_handler), (jax.Array, th.ArrayHandler()), (str, th.StringHandler()))
 
 
 def _checkpointer() -> ocp.Checkpointer:
@@ -56,6 +59,13 @@ def save_params(path: str, params: Any, metadata: Mapping[str, Any], *, overwrit
   meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **metadata}
   _checkpointer().save(path, args=ocp.args.Composite(params=ocp.args.PyTreeSave(params),
                                                      metadata=ocp.args.JsonSave(meta)), force=overwrite)
+
+
+def backbone_metadata(config, **extra: Any) -> dict:
+  """Metadata of a backbone parameter checkpoint written from a run of `config` (read back by `train.init_from`,
+  `--params` and the UniGRPO reference)."""
+  return {"kind": "mmada_backbone", "layer_layout": "stacked" if config.model.scan_layers else "unstacked",
+          "model": {k: config.model[k] for k in ("num_layers", "d_model", "num_heads", "vocab_size")}, **extra}
 
 
 def read_metadata(path: str) -> dict:

@@ -8,6 +8,7 @@
   mmada-jax eval    --config experiments/toyworld.py:cot (--params CKPT | --workdir DIR)
   mmada-jax compile --config experiments/... --topology v5p-128 [--num_slices 2]
   mmada-jax convert SRC DST [--layout stacked|unstacked] [--config FILE] [--overwrite]
+  mmada-jax export  --config ... --workdir DIR --out CKPT [--step N] [--dtype bfloat16]   (a run's parameters alone)
   mmada-jax toyworld build|check|tokenizer [--config FILE] [...]
   mmada-jax prepare --config ... --source SPEC --out DIR   (image(+text) -> ArrayRecord shards of token ids)
   mmada-jax bench   train|generate|t2i|rl|magvit [--json] [--config.key=value ...]
@@ -233,6 +234,33 @@ def cmd_demo(argv: list[str]) -> int:
   return demo.main(argv)
 
 
+def cmd_export(argv: list[str]) -> int:
+  """Writes the parameters of a training run's checkpoint (no optimizer state) as a parameter checkpoint, for
+  `--params`, `--init_from` or `convert`."""
+  config, rest = _load(argv)
+  p = _parser("export", cmd_export.__doc__.split("\n\n")[0])
+  p.add_argument("--workdir", required=True, help="training run directory")
+  p.add_argument("--out", required=True, help="output parameter checkpoint directory (must not exist)")
+  p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+  p.add_argument("--dtype", choices=config_lib.DTYPES, help="cast the parameters (default: as saved)")
+  args = p.parse_args(rest)
+  import jax
+  import numpy as np
+
+  from mmada_jax import checkpoint as ckpt
+  from mmada_jax.diffusion import sample_cli
+
+  if os.path.exists(args.out):
+    raise ckpt.CheckpointError(f"--out {args.out} already exists; choose a new path")
+  model, params, info = sample_cli.load_backbone(config, workdir=args.workdir, step=args.step)
+  del model
+  host = jax.tree.map(lambda x: np.asarray(x).astype(args.dtype or x.dtype), jax.device_get(params))
+  ckpt.save_params(args.out, host, ckpt.backbone_metadata(config, source=info["source"], step=info["step"]))
+  n = sum(int(x.size) for x in jax.tree.leaves(host))
+  print(f"exported {n:,} parameters of {info['source']} (step {info['step']}) to {os.path.abspath(args.out)}")
+  return 0
+
+
 def cmd_prepare(argv: list[str]) -> int:
   """Pre-tokenises an image(+text) source into ArrayRecord shards of token ids (resumable, with a manifest)."""
   from mmada_jax.data import prepare
@@ -257,7 +285,7 @@ def cmd_toyworld(argv: list[str]) -> int:
 COMMANDS: dict[str, Callable[[list[str]], int]] = {"info": cmd_info, "convert": cmd_convert, "train": cmd_train,
                                                     "rl": cmd_rl, "compile": cmd_compile, "sample": cmd_sample, "eval": cmd_eval,
                                                     "toyworld": cmd_toyworld, "demo": cmd_demo,
-                                                    "prepare": cmd_prepare, "bench": cmd_bench}
+                                                    "prepare": cmd_prepare, "bench": cmd_bench, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

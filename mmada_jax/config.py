@@ -29,6 +29,7 @@ import ml_collections
 ConfigDict = ml_collections.ConfigDict
 
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj", "save_out_proj")
 MATMUL_PRECISIONS = ("default", "high", "highest")
 
@@ -54,6 +55,9 @@ def model_section() -> ConfigDict:
   m.matmul_precision = "default"  # lax.Precision for matmuls; "highest" forces full fp32 on TPU/GPU
   m.scan_layers = True  # stack layers with nn.scan (parameters get a leading `layers` axis)
   m.remat_policy = "none"  # activation rematerialisation per layer, one of REMAT_POLICIES
+  # attention kernel: "einsum" (ours: two einsums, fp32 scores and softmax; fastest on CPU), "xla" or "cudnn"
+  # (`jax.nn.dot_product_attention`; cudnn = the fused flash kernel on NVIDIA GPUs, bf16/fp16 compute only)
+  m.attention_impl = "einsum"
   return m
 
 
@@ -401,6 +405,10 @@ def _validate_model(m: ConfigDict, errors: list[str]) -> None:
            f"must be one of {REMAT_POLICIES}, got {m.remat_policy!r}", errors)
   _require(m.matmul_precision in MATMUL_PRECISIONS, "model.matmul_precision",
            f"must be one of {MATMUL_PRECISIONS}, got {m.matmul_precision!r}", errors)
+  impl = m.get("attention_impl", "einsum")
+  _require(impl in ATTENTION_IMPLS, "model.attention_impl", f"must be one of {ATTENTION_IMPLS}, got {impl!r}", errors)
+  _require(impl != "cudnn" or m.dtype in ("bfloat16", "float16"), "model.attention_impl",
+           f"'cudnn' needs model.dtype bfloat16 or float16 (the fused kernel has no fp32 mode), got {m.dtype!r}", errors)
 
 
 SPECIAL_ID_KEYS = ("mask_id", "bos_id", "eos_id", "pad_id", "soi_id", "eoi_id", "t2i_id", "mmu_id", "ipad_id",

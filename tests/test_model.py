@@ -107,3 +107,33 @@ def test_mask_shapes_are_checked(setup):
   m, model, params, ids = setup
   with pytest.raises(ValueError, match="attention_mask has shape"):
     model.apply({"params": params}, ids, jnp.ones((2, 15), bool))
+
+
+def test_library_attention_matches_einsum(setup):
+  """model.attention_impl=xla (jax.nn.dot_product_attention) gives our einsum attention's values and gradients, with no
+  mask, a padding mask, a boolean pair mask, and grouped-query heads."""
+  m, model, params, ids = setup
+  rng = np.random.default_rng(0)
+  pad = np.ones(ids.shape, bool)
+  pad[0, -5:] = False
+  pairs = rng.random((ids.shape[0], 1, ids.shape[1], ids.shape[1])) < 0.7
+  pairs[..., np.arange(ids.shape[1]), np.arange(ids.shape[1])] = True
+  for kv in (m.num_heads, m.num_heads // 2):
+    ours, lib = llada.build_model(tiny(num_kv_heads=kv)), llada.build_model(tiny(num_kv_heads=kv, attention_impl="xla"))
+    p = llada.init_params(ours, jax.random.key(kv))
+    for mask in (None, jnp.asarray(pad), jnp.asarray(pairs)):
+
+      def loss(q, mdl, mask=mask):
+        return jnp.mean(jax.nn.log_softmax(mdl.apply({"params": q}, ids, mask))[..., 0])
+
+      l0, g0 = jax.value_and_grad(loss)(p, ours)
+      l1, g1 = jax.value_and_grad(loss)(p, lib)
+      np.testing.assert_allclose(l0, l1, rtol=1e-5)
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g0, g1)
+
+
+def test_cudnn_attention_needs_low_precision():
+  with pytest.raises(config_lib.ConfigError, match="model.attention_impl"):
+    config_lib.load_config(TINY, {"model.attention_impl": "cudnn"})
+  with pytest.raises(config_lib.ConfigError, match="model.attention_impl"):
+    config_lib.load_config(TINY, {"model.attention_impl": "flash"})

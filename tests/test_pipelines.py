@@ -280,3 +280,23 @@ def test_data_config_validation(setup):
                                                                   num_image_tokens=N)), num_records=50)
   with pytest.raises(ValueError, match="another vocabulary"):
     build(cfg, other)
+
+
+def test_mmu_answers_cut_off_by_the_text_length_are_skipped_or_counted(setup):
+  """With S too short for the CoT instruction, every CoT visual question loses its whole answer: such records are
+  skipped (strict mode: an error naming data.max_text_len) and a source of nothing else fails instead of training on
+  prompt continuations; answers cut only in part are kept and counted."""
+  cfg, v, tok = setup
+  short = config_with(cfg, batch_size_t2i=0, batch_size_lm=0, mmu_sources=("toyworld:cot",), mmu_weights=(1.0,))
+  short.data.max_text_len = 48
+  with pytest.raises(sources.EmptyDataError, match="answer cut off"):
+    next(build(short, tok))
+  with pytest.raises(sources.BadRecordError, match=r"answer cut off.*raise data.max_text_len"):
+    next(build(config_with(short, strict=True), tok))
+  plain = config_with(short, mmu_sources=("toyworld:qa",))  # short answers: a few long captions lose their end
+  plain.data.max_text_len = 40
+  it = build(plain, tok)
+  for _ in range(16):
+    next(it)
+  stats = it.statistics()["mmu"]["0:toyworld:qa"]
+  assert stats["answer_truncated"] > 0 and stats["records"] == 32

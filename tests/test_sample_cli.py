@@ -220,3 +220,24 @@ def test_errors_name_the_problem(ckpts, tmp_path, capsys, case):
   assert re.search(message, err, re.S), err
   if case == "empty_workdir":
     assert os.listdir(tmp_path) == []  # nothing was created in the user's directory
+
+
+def test_export_writes_the_runs_parameters(ckpts, tmp_path, capsys):
+  """`mmada-jax export` of step 3 holds step 3's parameters (cast when asked), is read back by `--params`, and never
+  replaces an existing directory."""
+  out = str(tmp_path / "exported")
+  assert cli.main(["export", "--workdir", ckpts["workdir"], "--step", "3", "--out", out, "--dtype", "bfloat16"]
+                  + config_args()) == 0
+  assert "(step 3)" in capsys.readouterr().out
+  meta = ckpt.read_metadata(out)
+  assert meta["kind"] == "mmada_backbone" and meta["step"] == 3 and meta["layer_layout"] == "unstacked"
+  saved, _ = ckpt.load_params(out, as_numpy=True)
+  config = load_config()
+  want = jax.device_get(sample_cli.load_backbone(config, workdir=ckpts["workdir"], step=3, log=lambda s: None)[1])
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b.astype(jnp.bfloat16))), saved,
+               want)
+  _, back, info = sample_cli.load_backbone(config, params=out, log=lambda s: None)
+  assert info["source"] == os.path.abspath(out) and jax.tree.leaves(back)[0].dtype == jnp.float32
+  capsys.readouterr()
+  assert cli.main(["export", "--workdir", ckpts["workdir"], "--out", out] + config_args()) != 0
+  assert "already exists" in capsys.readouterr().err

@@ -251,6 +251,23 @@ def _text_window(text: str, ctx: Context, rng: np.random.Generator) -> str:
   return text
 
 
+def _check_answer_fits(ids: list[int], record_id: str, ctx: Context, notes: list[str]) -> None:
+  """The mmu text `[BOS] ids [EOS]` is cut to S = data.max_text_len positions (as officially). A record whose answer
+  (the ids after the last `<|end_header_id|>`) loses every token is bad: it would teach the model to continue the
+  prompt. One that loses only some is kept and counted as `answer_truncated`."""
+  p = ctx.prompter
+  hits = np.flatnonzero(np.asarray(ids) == p.vocab.end_header_id)
+  if not hits.size:
+    return
+  answer_start = int(hits[-1]) + 2  # position in [BOS] ids: BOS, then the header's own index + 1
+  kept = p.max_text_len - 1  # positions left before the closing EOS
+  if answer_start >= kept:
+    raise src_lib.BadRecordError(record_id, "answer cut off", f"the prompt alone takes {answer_start} of the "
+                                 f"{p.max_text_len} text positions (data.max_text_len): raise data.max_text_len")
+  if len(ids) + 1 > kept:
+    notes.append("answer_truncated")
+
+
 def _layout(ex: dict, ctx: Context, rng: np.random.Generator, notes: list[str]) -> dict[str, np.ndarray]:
   p = ctx.prompter
   if ctx.task == "lm":
@@ -262,6 +279,7 @@ def _layout(ex: dict, ctx: Context, rng: np.random.Generator, notes: list[str]) 
   ids = _text_ids(ex, ctx)
   codes = _image_codes(ex, ctx, notes)
   if ctx.task == "mmu":
+    _check_answer_fits(ids, ex["id"], ctx, notes)
     return p.mmu(codes, ids)
   if ctx.drop_long_captions and len(ids) > p.max_text_len:
     raise src_lib.BadRecordError(ex["id"], "too long", f"caption of {len(ids)} tokens > S={p.max_text_len}")

@@ -40,6 +40,7 @@ class ModelArgs:
   precision: Any = None
   scan_layers: bool = True
   remat_policy: str = "none"
+  attention_impl: str = "einsum"
 
   @classmethod
   def from_config(cls, model_config) -> "ModelArgs":
@@ -50,7 +51,8 @@ class ModelArgs:
                head_dim=head_dim(m), mlp_hidden=m.mlp_hidden, vocab_size=m.vocab_size, rope_theta=m.rope_theta,
                norm_eps=m.norm_eps, param_dtype=jnp.dtype(m.param_dtype), dtype=jnp.dtype(m.dtype),
                precision=None if m.matmul_precision == "default" else jax.lax.Precision(m.matmul_precision.upper()),
-               scan_layers=m.scan_layers, remat_policy=m.remat_policy)
+               scan_layers=m.scan_layers, remat_policy=m.remat_policy,
+               attention_impl=m.get("attention_impl", "einsum"))
 
 
 def fan_in_init(fan_in_axes: tuple[int, ...]) -> Callable:
@@ -221,6 +223,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, bias: Array | None, args
   softmax in fp32. A boolean `bias` selects pairs (others get the most negative finite float, as the official code),
   a float `bias` is added.
   """
+  if args.attention_impl != "einsum":
+    return _library_attention(q, k, v, bias, args)
   group = q.shape[2] // k.shape[2]
   if group > 1:  # grouped-query attention: query head h uses kv head h // group (official repeat_interleave)
     k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
@@ -236,6 +240,26 @@ def dot_product_attention(q: Array, k: Array, v: Array, bias: Array | None, args
   out = jnp.einsum("bhqk,bhkd->bhqd", probs, vh.astype(args.dtype), precision=args.precision,
                    preferred_element_type=jnp.float32).astype(args.dtype)
   return jnp.swapaxes(out, 1, 2)
+
+
+def _library_attention(q: Array, k: Array, v: Array, bias: Array | None, args: ModelArgs) -> Array:
+  """The same attention through `jax.nn.dot_product_attention` (`xla`, or cuDNN's fused kernel on NVIDIA GPUs).
+
+  Grouped-query heads are passed as they are (the library maps query head h to kv head h // group). A boolean `bias`
+  becomes the library's `mask`; a float one its `bias`.
+  """
+  if args.attention_impl == "cudnn" and jax.default_backend() != "gpu":
+    raise ValueError(f"model.attention_impl='cudnn' needs an NVIDIA GPU, but JAX runs on {jax.default_backend()!r}: "
+                     "set model.attention_impl to 'einsum' or 'xla'")
+  mask = fbias = None
+  if bias is not None:
+    if bias.dtype == jnp.bool_:
+      mask = bias
+    else:
+      fbias = bias.astype(args.dtype)
+  out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), bias=fbias, mask=mask,
+                                     implementation=args.attention_impl)
+  return out.astype(args.dtype)
 
 
 class MLP(nn.Module):

@@ -189,9 +189,7 @@ def _reference(config, workdir: str, state, shardings, resumed_handle: str | Non
     return ref, os.path.abspath(init)
   handle = os.path.join(os.path.abspath(workdir), REFERENCE_DIR)
   if not os.path.exists(handle):
-    meta = {"kind": "mmada_backbone", "layer_layout": "stacked" if config.model.scan_layers else "unstacked",
-            "model": {k: config.model[k] for k in ("num_layers", "d_model", "num_heads", "vocab_size")}}
-    ckpt.save_params(handle, jax.device_get(ref), meta)
+    ckpt.save_params(handle, jax.device_get(ref), ckpt.backbone_metadata(config))
     log(f"saved the reference policy to {handle}")
   return ref, handle
 
