@@ -244,17 +244,20 @@ def cmd_export(argv: list[str]) -> int:
   p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
   p.add_argument("--dtype", choices=config_lib.DTYPES, help="cast the parameters (default: as saved)")
   args = p.parse_args(rest)
+  import flax.linen as nn
   import jax
   import numpy as np
 
   from mmada_jax import checkpoint as ckpt
   from mmada_jax.diffusion import sample_cli
+  from mmada_jax.models import llada
+  from mmada_jax.parallel import partitioning
 
   if os.path.exists(args.out):
     raise ckpt.CheckpointError(f"--out {args.out} already exists; choose a new path")
-  model, params, info = sample_cli.load_backbone(config, workdir=args.workdir, step=args.step)
-  del model
-  host = jax.tree.map(lambda x: np.asarray(x).astype(args.dtype or x.dtype), jax.device_get(params))
+  expected = nn.unbox(partitioning.abstract_variables(llada.build_model(config.model))["params"])
+  host, info = sample_cli.read_backbone(config, expected, workdir=args.workdir, step=args.step)  # host arrays only
+  host = jax.tree.map(lambda x: np.asarray(x).astype(args.dtype or x.dtype), host)
   ckpt.save_params(args.out, host, ckpt.backbone_metadata(config, source=info["source"], step=info["step"]))
   n = sum(int(x.size) for x in jax.tree.leaves(host))
   print(f"exported {n:,} parameters of {info['source']} (step {info['step']}) to {os.path.abspath(args.out)}")

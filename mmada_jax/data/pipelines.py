@@ -259,7 +259,7 @@ def _check_answer_fits(ids: list[int], record_id: str, ctx: Context, notes: list
   hits = np.flatnonzero(np.asarray(ids) == p.vocab.end_header_id)
   if not hits.size:
     return
-  answer_start = int(hits[-1]) + 2  # position in [BOS] ids: BOS, then the header's own index + 1
+  answer_start = int(hits[-1]) + 2  # in `[BOS] ids` the header sits at its index + 1, the answer starts after it
   kept = p.max_text_len - 1  # positions left before the closing EOS
   if answer_start >= kept:
     raise src_lib.BadRecordError(record_id, "answer cut off", f"the prompt alone takes {answer_start} of the "

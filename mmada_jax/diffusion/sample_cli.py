@@ -195,7 +195,6 @@ def load_backbone(config, *, params: str | None = None, workdir: str | None = No
   one of `params` (a parameter checkpoint) or `workdir` (a training run)."""
   import flax.linen as nn
 
-  from mmada_jax import checkpoint as ckpt
   from mmada_jax.models import llada
   from mmada_jax.parallel import partitioning
 
@@ -205,6 +204,17 @@ def load_backbone(config, *, params: str | None = None, workdir: str | None = No
     raise SampleError("--step selects a checkpoint of --workdir; it does not apply to --params")
   model = llada.build_model(config.model)
   expected = nn.unbox(partitioning.abstract_variables(model)["params"])
+  host, info = read_backbone(config, expected, params=params, workdir=workdir, step=step)
+  device = jax.tree.map(lambda h, e: jax.device_put(np.asarray(h).astype(e.dtype)), host, expected)
+  log(f"parameters: {info['source']}" + ("" if info["step"] is None else f" (step {info['step']})"))
+  return model, device, info
+
+
+def read_backbone(config, expected: Any, *, params: str | None = None, workdir: str | None = None,
+                  step: int | None = None) -> tuple[Any, dict]:
+  """(host parameters as saved, {"source", "step"}) from `params` or `workdir`, checked against `expected` shapes."""
+  from mmada_jax import checkpoint as ckpt
+
   if params is not None:
     meta = ckpt.read_metadata(params)
     if meta.get("kind", "mmada_backbone") != "mmada_backbone":
@@ -215,9 +225,7 @@ def load_backbone(config, *, params: str | None = None, workdir: str | None = No
     source = os.path.abspath(params)
   else:
     host, source, step = _restore_workdir_params(workdir, step, expected, config)
-  device = jax.tree.map(lambda h, e: jax.device_put(np.asarray(h).astype(e.dtype)), host, expected)
-  log(f"parameters: {source}" + ("" if step is None else f" (step {step})"))
-  return model, device, {"source": source, "step": step}
+  return host, {"source": source, "step": step}
 
 
 @dataclasses.dataclass
