@@ -48,6 +48,9 @@ def get_config(arg: str | None = None):
   st.text.gen_length, st.text.block_length, st.text.steps = 64, 32, 64
   st.image.timesteps, st.image.guidance_scale = 12, 2.0
   lc = config.loss
+  # Train with the attention the samplers use (hard-masked [iPAD] keys of short prompts). The official float bias only
+  # down-weights them; a model trained from scratch that way, then sampled with the hard mask, draws noise.
+  lc.attention = "pair_mask"
   if stage == "cot":
     lc.coeff_t2i, lc.coeff_lm, lc.coeff_mmu = 1.0, 0.5, 0.5
     lc.lm_normalisation = "answer"

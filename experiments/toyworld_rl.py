@@ -5,6 +5,10 @@ Variants (`experiments/toyworld_rl.py:<variant>`):
            sample-level normalisation, mean/std advantages, k3 KL to the frozen reference, correctness 2.0 + format 0.5.
   text_d1  the d1 / diffu-GRPO baseline estimator under the same budget: every response token masked, prompt tokens
            masked with probability 0.15, token-level normalisation, mean-only advantages.
+  t2i      UniGRPO on the drawing prompts (`rl/t2i.py`): MaskGIT rollouts with the `sampling.image` settings, rewards
+           ToyWorld image checker 2.0 + per-attribute agreement 0.5 on the decoded images, log-probabilities over the
+           image codebook. Needs `--config.data.image_tokenizer=CKPT` (the MAGVIT the backbone was trained with).
+  t2i_d1   the d1 baseline estimator on the same drawing task and budget.
 
 Everything but the `rl` and optimiser sections comes from `experiments/toyworld.py:cot` (model shape, vocabulary, image
 tokenizer section), so the Mix-CoT run of `mmada-jax demo` (DIR/cot) is a valid start:
@@ -18,7 +22,7 @@ import os
 from mmada_jax.config import load_module
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VARIANTS = ("text", "text_d1")
+VARIANTS = ("text", "text_d1", "t2i", "t2i_d1")
 
 
 def get_config(arg: str | None = None):
@@ -37,6 +41,9 @@ def get_config(arg: str | None = None):
   r.prompt_len, r.gen_length, r.block_length, r.rollout_steps, r.temperature = 96, 16, 8, 16, 1.0
   r.kl_beta, r.clip_low, r.clip_high = 0.04, 0.2, 0.2
   r.eval_prompts, r.eval_every, r.dump_every = 128, 25, 10
-  if variant == "text_d1":
+  if variant.startswith("t2i"):
+    r.task, r.rewards, r.reward_weights = "t2i", ("t2i_checker", "t2i_attributes"), (2.0, 0.5)
+    r.prompts_per_step, r.group_size, r.eval_prompts = 2, 8, 64  # a rollout draws 256 image tokens in 12 model calls
+  if variant.endswith("_d1"):
     r.estimator, r.normalisation, r.adv_std = "d1", "token", False
   return config

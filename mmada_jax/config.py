@@ -280,6 +280,7 @@ def sampling_section() -> ConfigDict:
   s.image.temperature = 1.0
   s.image.noise_schedule = "cosine"  # or "linear"
   s.image.temperature_annealing = "cumulative"  # official (§8.6); "linear" = MaskGIT's T0 (1 - ratio)
+  s.image.sample_temperature = 1.0  # token draw: 1 = official categorical, 0 = greedy, between = sharpened
   return s
 
 
@@ -301,7 +302,8 @@ def rl_section() -> ConfigDict:
   """UniGRPO reinforcement learning (mmada_jax/rl; specs/unigrpo.md). Defaults follow the spec's recommendations
   (§2.7, §5 "recommended starting point"); every choice the paper leaves open is a key here."""
   r = ConfigDict()
-  r.task = "text"  # rollouts: "text" (reasoning answers from the semi-autoregressive sampler)
+  r.task = "text"  # rollouts: "text" (reasoning answers from the semi-autoregressive sampler) or "t2i" (images from the
+  #                 MaskGIT sampler with the sampling.image settings, decoded by data.image_tokenizer; rl/t2i.py)
   r.prompt_source = "toyworld"  # "toyworld": ToyWorld arithmetic word problems in the CoT chat format
   r.steps = 100  # RL steps (rollout batches); each takes inner_steps optimiser updates
   r.seed = 0  # RL randomness (prompt order, rollouts, schedules, masks); vary this, not `seed`, across RL seeds: `seed`
@@ -586,7 +588,7 @@ def _validate_sampling(s: ConfigDict, errors: list[str]) -> None:
   _require(isinstance(im.timesteps, int) and im.timesteps > 0, "sampling.image.timesteps",
            f"must be a positive integer, got {im.timesteps!r}", errors)
   for sec, key in (("text", "temperature"), ("text", "cfg_scale"), ("image", "guidance_scale"),
-                   ("image", "temperature")):
+                   ("image", "temperature"), ("image", "sample_temperature")):
     _require(s[sec][key] >= 0, f"sampling.{sec}.{key}", f"must be >= 0, got {s[sec][key]}", errors)
   _require(im.noise_schedule in ("cosine", "linear"), "sampling.image.noise_schedule",
            f"must be 'cosine' or 'linear', got {im.noise_schedule!r}", errors)
@@ -594,7 +596,7 @@ def _validate_sampling(s: ConfigDict, errors: list[str]) -> None:
            f"must be 'cumulative' or 'linear', got {im.temperature_annealing!r}", errors)
 
 
-RL_CHOICES = {"task": ("text",), "prompt_source": ("toyworld",), "estimator": ("unigrpo", "d1"),
+RL_CHOICES = {"task": ("text", "t2i"), "prompt_source": ("toyworld",), "estimator": ("unigrpo", "d1"),
               "schedule": ("algorithm1", "stratified_wrap", "iid", "range"), "mask_law": ("exact", "bernoulli"),
               "loss_tail": ("first_eos", "all"), "normalisation": ("sample", "token"),
               "seq_normaliser": ("masked", "response"), "logp_mode": ("fold", "vmap", "map"),

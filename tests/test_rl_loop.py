@@ -7,6 +7,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from mmada_jax import config as config_lib
 from mmada_jax.rl import loop
@@ -79,3 +80,55 @@ def test_experiment_variants_load():
   assert d1.rl.estimator == "d1" and d1.rl.normalisation == "token" and not d1.rl.adv_std
   cot = config_lib.load_config(os.path.join(ROOT, "experiments", "toyworld.py:cot"))
   assert (text.model.d_model, text.model.num_layers) == (cot.model.d_model, cot.model.num_layers)
+
+
+def test_t2i_task(tmp_path):
+  """UniGRPO on drawing prompts with a tiny random backbone and MAGVIT: two RL steps with finite metrics and ratio 1
+  at the first inner iteration, image rewards, the held-out checker score, a PNG of the dumped images; the t2i row is
+  the sampler's layout and only its image tokens are maskable; bad settings are named."""
+  from mmada_jax.models import magvit, magvit_train
+  from mmada_jax.tokens import prompting
+  from test_sample_cli import OVERRIDES as IMAGE
+
+  image = {k: v for k, v in IMAGE.items() if k.startswith(("magvit.", "vocab.", "data.toyworld"))}
+  over = {**SMALL, **image, "sampling.image.timesteps": "2", "rl.eval_prompts": "4",
+          "data.image_tokenizer": str(tmp_path / "magvit")}
+  config = config_lib.load_config(f"{RL}:t2i", over)
+  cfg = magvit.MagvitConfig.from_config(config.magvit)
+  magvit_train.save_trained_params(str(tmp_path / "magvit"), magvit.init_params(cfg, 0), cfg, 0)
+  work = str(tmp_path / "t2i")
+  args = ["--config", f"{RL}:t2i", "--workdir", work, "--no_progress", "--config.rl.steps=2"]
+  assert loop.main_rl(args + [f"--config.{k}={v}" for k, v in over.items()]) == 0
+  rows = read_metrics(work)
+  train_rows = [r for r in rows if "reward_total" in r]
+  assert [r["step"] for r in train_rows] == [1, 2]
+  for r in train_rows:
+    for k in ("reward_t2i_checker", "reward_t2i_attributes", "accuracy", "clip_frac", "kl", "mask_ratio", "grad_norm"):
+      assert np.isfinite(r[k]), k
+    assert abs(r["ratio_first_iter"] - 1) < 1e-5
+    assert r["response_len"] == 64 and r["truncated_frac"] == 0
+  assert [r["step"] for r in rows if "eval_t2i_checker" in r] == [0, 2]
+  dumps = [json.loads(line) for line in open(os.path.join(work, "samples.jsonl"))]
+  assert len(dumps) == 4 and {"prompt", "t2i_checker", "t2i_attributes", "advantage"} <= set(dumps[0])
+  assert os.path.exists(os.path.join(work, "samples", "rl_step_2.png"))
+
+  run = loop.setup(config, str(tmp_path / "direct"), log=lambda s: None)
+  assert loop.dims(config) == (config.data.max_text_len + 2, 65) and run.settings.logp.vocab_slice == (
+      config.vocab.image_offset, config.vocab.image_offset + config.vocab.codebook_size)
+  records = run.prompts.next(2)
+  roll = loop.rollout(run, records, jax.random.key(0))
+  for i, rec in enumerate(records):  # the prompt part is the sampler's layout up to and including <|soi|>
+    want = prompting.Prompter.from_config(config).t2i_gen(rec["prompt_ids"])
+    np.testing.assert_array_equal(roll["ids"][i], want["input_ids"][:-65])
+    np.testing.assert_array_equal(roll["mask"][i], want["valid_mask"][:-65])
+  assert (roll["ids"][:, -1] == run.vocab.soi_id).all() and (roll["response"][:, -1] == run.vocab.eoi_id).all()
+  codes = roll["response"][:, :-1] - run.vocab.image_offset
+  assert codes.min() >= 0 and codes.max() < run.vocab.codebook_size
+  batch = loop.build_batch(config, roll, {"adv": np.zeros(2, np.float32), "row_weight": np.ones(2, np.float32)}, 0,
+                           jax.random.key(1))
+  assert batch["maskable"][:, :-1].all() and not batch["maskable"][:, -1].any()
+
+  for bad, message in (({"data.image_tokenizer": ""}, "set data.image_tokenizer"),
+                       ({"rl.rewards": "correctness,format"}, "are text rewards")):
+    with pytest.raises(config_lib.ConfigError, match=message):
+      loop.setup(config_lib.load_config(f"{RL}:t2i", {**over, **bad}), str(tmp_path / "bad"), log=lambda s: None)

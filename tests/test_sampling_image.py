@@ -122,6 +122,45 @@ def test_one_compiled_program(tiny, monkeypatch):
   assert si._t2i._cache_size() == before + 1
 
 
+def test_sample_temperature_scales_the_draw_noise(tiny):
+  """The token draw is argmax(log p + τ·Gumbel): τ = 0.5 equals τ = 1 with halved noise, τ = 0 equals τ = 1 with
+  none (greedy), and τ = 1 is the official draw."""
+  model, params, config, f = tiny
+  vocab = dict(mask_id=230, image_offset=236, codebook_size=64, num_image_tokens=64)
+  rng = np.random.default_rng(0)
+  noise = {"sample": rng.gumbel(size=(4, 2, 64, 64)).astype(np.float32),
+           "mask": rng.gumbel(size=(4, 2, 64)).astype(np.float32)}
+  run = lambda tau, scale: np.asarray(si.t2i_generate(
+      model, params, *_inputs(f), **vocab, settings=si.ImageSampling(timesteps=4, guidance_scale=1.0,
+                                                                     sample_temperature=tau),
+      noise=dict(noise, sample=noise["sample"] * np.float32(scale)))["codes"])
+  official = run(1.0, 1.0)
+  assert (official != run(0.0, 1.0)).any()
+  np.testing.assert_array_equal(run(0.5, 1.0), run(1.0, 0.5))
+  np.testing.assert_array_equal(run(0.0, 1.0), run(1.0, 0.0))
+
+
+def test_toyworld_trains_with_the_samplers_attention(tiny):
+  """The t2i sampler hard-masks the [iPAD] positions of a short prompt. The official training pass only down-weights
+  them (`float_bias`), so a model trained from scratch that way sees other hidden states at sampling time than in
+  training; the ToyWorld stages therefore train with `pair_mask`, which gives exactly the sampler's hidden states."""
+  from mmada_jax import config as config_lib
+  from mmada_jax.diffusion import losses
+
+  for stage in ("stage1", "cot", "text"):
+    c = config_lib.load_config(os.path.join(os.path.dirname(HERE), "experiments", f"toyworld.py:{stage}"))
+    assert c.loss.attention == "pair_mask", stage
+  model, params, config, f = tiny
+  ids, valid = np.asarray(f["input_ids"]), np.asarray(f["attention_mask"])
+  assert (valid == 0).any()  # the fixture prompts are padded
+  hidden = lambda mask: np.asarray(model.apply({"params": params}, ids, mask, output="hidden"))[:, -65:-1]
+  sampler = hidden(valid.astype(bool))
+  train = {a: hidden(losses.attention_mask_for([("t2i", {"input_ids": ids, "valid_mask": valid})], a))
+           for a in ("pair_mask", "float_bias")}
+  np.testing.assert_allclose(train["pair_mask"], sampler, rtol=1e-5, atol=1e-5)
+  assert np.abs(train["float_bias"] - sampler).max() > 1e-3
+
+
 def _primitives(jaxpr) -> list[str]:
   """Names of every equation's primitive, nested programs included."""
   out = []
@@ -152,6 +191,7 @@ def test_null_prompt_uses_the_true_prefix_length():
     (dict(noise_schedule="arccos"), "noise_schedule must be one of"),
     (dict(temperature_annealing="exp"), "temperature_annealing must be one of"),
     (dict(guidance_scale=-1.0), "guidance_scale must be >= 0"),
+    (dict(sample_temperature=-0.5), "sample_temperature must be >= 0"),
 ])
 def test_bad_settings_are_named(kwargs, message):
   with pytest.raises(ValueError) as e:

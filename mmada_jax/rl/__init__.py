@@ -1,8 +1,8 @@
 """UniGRPO, the reinforcement-learning stage of MMaDA (specs/unigrpo.md).
 
 Modules: `schedule` (mask-ratio schedules), `masks` (per-sample masks), `objective` (log-probs, advantages, clipped
-surrogate + k3 KL), `step` (jitted precompute and policy step), `rewards` (pluggable reward components), `loop`
-(`mmada-jax rl`).
+surrogate + k3 KL), `step` (jitted precompute and policy step), `rewards` (pluggable reward components), `t2i` (the
+text-to-image task), `loop` (`mmada-jax rl`).
 
 Decisions on what the paper leaves open (spec §8), all switchable in the `rl` config section:
   1. Schedule: Algorithm 1's formula (p_μ = 1; the §5.2 worked example contradicts it and is not followed), one start
@@ -19,4 +19,6 @@ Decisions on what the paper leaves open (spec §8), all switchable in the `rl` c
      `<think>...</think>` format 0.5; image checker / CLIP / ImageReward components for text-to-image.
   8. Rollouts: the semi-autoregressive sampler at temperature 1, low-confidence commits, no truncation of the
      distribution; log-probs use the sampler's padding mask.
+  9. Text-to-image (`rl.task="t2i"`, `t2i`): MaskGIT rollouts with the `sampling.image` settings (guidance included),
+     log-probs of the conditional model over the image codebook, `<|eoi|>` never masked; image rewards.
 """

@@ -36,6 +36,7 @@ from mmada_jax.diffusion import sampling_text
 from mmada_jax.models import llada
 from mmada_jax.parallel import mesh as mesh_lib, partitioning, rules as rules_lib
 from mmada_jax.rl import masks as masks_lib, objective as obj, rewards as rewards_lib, schedule, step as step_lib
+from mmada_jax.rl import t2i as t2i_lib
 from mmada_jax.tokens import text_tokenizer as tt, vocab as vocab_lib
 from mmada_jax.train import data_setup, faults, loop as train_loop, metrics_io, optim, state as state_lib
 
@@ -48,13 +49,15 @@ REFERENCE_DIR = "reference"  # WORKDIR/reference: the frozen reference of runs s
 
 
 class ToyWorldPrompts:
-  """ToyWorld arithmetic word problems as CoT chat prompts; deterministic order (a seeded permutation per epoch).
+  """ToyWorld prompts in a deterministic order (a seeded permutation per epoch): the arithmetic word problems as CoT
+  chat prompts (`rl.task="text"`), or the drawing prompts (`"t2i"`, `rl/t2i.py`).
 
-  `next(q)` returns q records `{"id", "prompt_ids", "prompt", "answer"}`; `get_state` / `set_state` checkpoint the
-  position. `split="test"` walks the held-out split in order.
+  `next(q)` returns q records `{"id", "prompt_ids", "prompt", "answer"}` (t2i: `"record"` instead of `"answer"`);
+  `get_state` / `set_state` checkpoint the position. `split="test"` walks the held-out split in order.
   """
 
   def __init__(self, config, tokenizer, split: str = "train"):
+    self.task = str(config.rl.task)
     self.world = tw.ToyWorld.from_config(config)
     self.vocab = vocab_lib.Vocab.from_config(config.vocab)
     self.tokenizer, self.split, self.seed = tokenizer, split, int(config.rl.seed)
@@ -73,6 +76,8 @@ class ToyWorldPrompts:
     return int(self._order[1][offset])
 
   def record(self, index: int) -> dict:
+    if self.task == "t2i":
+      return t2i_lib.draw_record(self.world, self.split, index, self.tokenizer)
     r = self.world.example(self.split, index, render_image=False)
     text = tt.chat_text([{"role": "user", "content": tt.COT_SYSTEM_PROMPT + r["problem"]}], self.vocab,
                         add_generation_prompt=True)
@@ -125,6 +130,7 @@ class RLRun:
   fns: dict
   rl_step: int = 0
   guard: faults.NumericsGuard | None = None
+  images: Any = None  # the MAGVIT decoder of t2i rollouts (`sample_cli.ImageTokenizer`)
 
 
 _JIT_CACHE: dict = {}
@@ -158,10 +164,18 @@ def _tokenizer(config):
   return _TOKENIZERS[key]
 
 
+def dims(config) -> tuple[int, int]:
+  """(P, C): static prompt and response positions of an RL row (text: rl.prompt_len, rl.gen_length)."""
+  if config.rl.task == "t2i":
+    return t2i_lib.dims(config)
+  return int(config.rl.prompt_len), int(config.rl.gen_length)
+
+
 def _abstract_batch(config, b: int) -> dict:
   """Shapes of an RL batch (before the precompute) — enough to build its shardings."""
   r = config.rl
-  mu, k, c, length = int(r.inner_steps), int(r.masks_per_step), int(r.gen_length), int(r.prompt_len) + int(r.gen_length)
+  p, c = dims(config)
+  mu, k, length = int(r.inner_steps), int(r.masks_per_step), p + c
   s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   return {"tokens": s(b, length), "attn": s(b, length), "maskable": s(b, c), "eligible": s(b, c), "adv": s(b),
           "row_weight": s(b), "uid": s(b), "ratios": s(mu, k, b), "mask_key": s(2)}
@@ -196,6 +210,9 @@ def _reference(config, workdir: str, state, shardings, resumed_handle: str | Non
 
 def setup(config, workdir: str, log: Callable[[str], None] = print) -> RLRun:
   """Mesh, model, sharded policy state (resumed when the workdir has a checkpoint), reference, prompts, jitted fns."""
+  t2i = config.rl.task == "t2i"
+  if t2i:
+    t2i_lib.check(config)
   os.makedirs(workdir, exist_ok=True)
   mesh = mesh_lib.create_mesh(config.sharding)
   rules = rules_lib.resolve_rules(config.sharding.preset, dict(config.sharding.rule_overrides))
@@ -220,11 +237,12 @@ def setup(config, workdir: str, log: Callable[[str], None] = print) -> RLRun:
   else:
     state = train_loop.initial_state(config, model, tx, mesh, rules, abstract, shardings, log)
   ref, handle = _reference(config, workdir, state, shardings, handle, log)
-  settings = step_lib.StepSettings.from_config(config)
+  settings = step_lib.StepSettings.from_config(config, vocab_slice=t2i_lib.vocab_slice(config) if t2i else None)
   fns = _functions(config, model, tx, mesh, rules, shardings, settings, batch_sh)
   return RLRun(config, workdir, mesh, rules, model, tokenizer, vocab_lib.Vocab.from_config(config.vocab), state,
                shardings, ref if settings.loss.beta > 0 else None, handle, prompts, checkpointer,
-               rewards_lib.RewardModel.from_config(config.rl), settings, fns, rl_step, guard)
+               rewards_lib.RewardModel.from_config(config.rl), settings, fns, rl_step, guard,
+               t2i_lib.image_tokenizer(config, log) if t2i else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -239,7 +257,10 @@ def sampler_settings(config, greedy: bool = False) -> sampling_text.TextSampling
 
 
 def rollout(run: RLRun, records: list[dict], key, greedy: bool = False) -> dict:
-  """Generates one response per record → prompt ids/mask [B, P], responses [B, C] (numpy) and the decoded samples."""
+  """Generates one response per record → prompt ids/mask [B, P], responses [B, C] (numpy) and the decoded samples.
+  (t2i: the image sampler with `sampling.image`; `greedy` does not apply.)"""
+  if run.config.rl.task == "t2i":
+    return t2i_lib.rollout(run, records, key, run.images)
   ids, mask = pad_prompts([r["prompt_ids"] for r in records], int(run.config.rl.prompt_len), run.vocab.pad_id)
   with partitioning.axis_rules(run.mesh, run.rules):
     out = sampling_text.generate(run.model, run.state.params, ids, mask, mask_id=run.vocab.mask_id,
@@ -265,8 +286,11 @@ def build_batch(config, roll: dict, adv: dict, rl_step: int, key) -> dict:
   r = config.rl
   b, c = roll["response"].shape
   v = config.vocab
-  maskable, eligible = masks_lib.response_positions(jnp.asarray(roll["response"]), (int(v.eos_id), int(v.eot_id)),
-                                                    loss_tail=str(r.loss_tail), mask_tail=bool(r.mask_tail))
+  if r.task == "t2i":
+    maskable, eligible = t2i_lib.positions(roll["response"])
+  else:
+    maskable, eligible = masks_lib.response_positions(jnp.asarray(roll["response"]), (int(v.eos_id), int(v.eot_id)),
+                                                      loss_tail=str(r.loss_tail), mask_tail=bool(r.mask_tail))
   uid = (rl_step * b + np.arange(b)).astype(np.int32)
   mode = "d1" if r.estimator == "d1" else str(r.schedule)
   ratios = schedule.multi_mask_ratios(jax.random.fold_in(key, SCHEDULE_TAG), jnp.asarray(uid), int(r.inner_steps),
@@ -318,8 +342,11 @@ def rl_step(run: RLRun, log: Callable[[str], None] = print) -> tuple[dict, list[
   metrics = _step_metrics(per_iter, scores, adv, roll, run.rewards.names)
   metrics.update(booked)
   metrics.update(rollout_s=t1 - t0, update_s=t2 - t1, optimizer_step=float(jax.device_get(run.state.step)))
-  dumps = [dict(s, **{k: float(v[i]) for k, v in scores.items()}, advantage=float(adv["adv"][i]))
+  dumps = [dict({k: v for k, v in s.items() if k not in ("image", "record")},
+                **{k: float(v[i]) for k, v in scores.items()}, advantage=float(adv["adv"][i]))
            for i, s in enumerate(roll["samples"][:int(r.dump_count)])]
+  if r.task == "t2i":  # the images go to a PNG grid next to samples.jsonl (`_dump`)
+    dumps[0]["_images"] = np.stack([s["image"] for s in roll["samples"][:int(r.dump_count)]])
   return metrics, dumps
 
 
@@ -338,7 +365,8 @@ def _step_metrics(per_iter: list[dict], scores: dict, adv: dict, roll: dict, nam
 
 
 def evaluate(run: RLRun, count: int) -> dict:
-  """Greedy held-out accuracy and format rate on the first `count` test prompts (batches of the rollout size)."""
+  """Held-out rewards and accuracy on the first `count` test prompts (batches of the rollout size): greedy text
+  answers; t2i images drawn with a fixed key."""
   b = int(run.config.rl.prompts_per_step) * int(run.config.rl.group_size)
   held = ToyWorldPrompts(run.config, run.tokenizer, split="test")
   records = [held.record(i) for i in range(count)]
@@ -346,7 +374,8 @@ def evaluate(run: RLRun, count: int) -> dict:
   for start in range(0, count, b):
     chunk = records[start:start + b]
     chunk = chunk + [chunk[-1]] * (b - len(chunk))  # static batch shape: pad with repeats, dropped below
-    out = run.rewards(rollout(run, chunk, jax.random.key(EVAL_TAG), greedy=True)["samples"])
+    key = jax.random.fold_in(jax.random.key(EVAL_TAG), start)  # text: greedy, the key is unused
+    out = run.rewards(rollout(run, chunk, key, greedy=True)["samples"])
     for k, v in out.items():
       scores.setdefault(k, []).extend(v[:min(b, count - start)].tolist())
   return {f"eval_{k}": float(np.mean(v)) for k, v in scores.items()}
@@ -366,8 +395,16 @@ def _save(run: RLRun, force: bool) -> None:
 
 
 def _dump(workdir: str, rl_step: int, dumps: list[dict]) -> None:
+  """Appends the dumped samples to WORKDIR/samples.jsonl; t2i images to WORKDIR/samples/rl_step_<n>.png (in the order
+  of the JSON lines)."""
+  images = dumps[0].pop("_images", None) if dumps else None
   if jax.process_index() != 0:
     return
+  if images is not None:
+    from mmada_jax.models import image_io
+
+    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+    image_io.save_grid(images, os.path.join(workdir, "samples", f"rl_step_{rl_step}.png"))
   with open(os.path.join(workdir, "samples.jsonl"), "a") as f:
     for d in dumps:
       f.write(json.dumps({"rl_step": rl_step, **d}) + "\n")
