@@ -342,11 +342,9 @@ def rl_step(run: RLRun, log: Callable[[str], None] = print) -> tuple[dict, list[
   metrics = _step_metrics(per_iter, scores, adv, roll, run.rewards.names)
   metrics.update(booked)
   metrics.update(rollout_s=t1 - t0, update_s=t2 - t1, optimizer_step=float(jax.device_get(run.state.step)))
-  dumps = [dict({k: v for k, v in s.items() if k not in ("image", "record")},
-                **{k: float(v[i]) for k, v in scores.items()}, advantage=float(adv["adv"][i]))
+  dumps = [dict({k: v for k, v in s.items() if k != "record"}, **{k: float(v[i]) for k, v in scores.items()},
+                advantage=float(adv["adv"][i]))
            for i, s in enumerate(roll["samples"][:int(r.dump_count)])]
-  if r.task == "t2i":  # the images go to a PNG grid next to samples.jsonl (`_dump`)
-    dumps[0]["_images"] = np.stack([s["image"] for s in roll["samples"][:int(r.dump_count)]])
   return metrics, dumps
 
 
@@ -397,14 +395,14 @@ def _save(run: RLRun, force: bool) -> None:
 def _dump(workdir: str, rl_step: int, dumps: list[dict]) -> None:
   """Appends the dumped samples to WORKDIR/samples.jsonl; t2i images to WORKDIR/samples/rl_step_<n>.png (in the order
   of the JSON lines)."""
-  images = dumps[0].pop("_images", None) if dumps else None
+  images = [d.pop("image") for d in dumps if "image" in d]
   if jax.process_index() != 0:
     return
-  if images is not None:
+  if images:
     from mmada_jax.models import image_io
 
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-    image_io.save_grid(images, os.path.join(workdir, "samples", f"rl_step_{rl_step}.png"))
+    image_io.save_grid(np.stack(images), os.path.join(workdir, "samples", f"rl_step_{rl_step}.png"))
   with open(os.path.join(workdir, "samples.jsonl"), "a") as f:
     for d in dumps:
       f.write(json.dumps({"rl_step": rl_step, **d}) + "\n")
