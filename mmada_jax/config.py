@@ -163,6 +163,8 @@ def data_section() -> ConfigDict:
   d.mmu_literal_eot = True  # §8.10: mmu training prompts end the user turn with the literal text "<eot_id>" (official)
   d.valid_mask_all_ones = True  # §3.3: lm/mmu valid mask built after padding = all ones (official); False: real tokens
   d.lm_max_chars = 8000  # pre-training text: random window of this many characters, newlines removed (§4.6); 0 = off
+  d.lm_seq_len = 0  # length of the lm rows; 0 = L = S + N + 3, the length of every other row (official). Shorter lm
+  #                   rows (chat / CoT text) skip the EOS padding up to L; the loss then runs one forward pass per length
   d.drop_long_captions = False  # t2i: skip captions longer than S tokens (official stages >= 1.2) instead of truncating
   # Batch composition: rows per step of each task over all hosts (official per-GPU sizes x data-parallel replicas).
   d.batch_size_t2i = 7
@@ -380,6 +382,13 @@ def _require(cond: bool, key: str, msg: str, errors: list[str]) -> None:
     errors.append(f"{key}: {msg}")
 
 
+def row_lengths(config: ConfigDict) -> dict[str, int]:
+  """`{task: length of its training rows}`: L = S + N + 3 for t2i and mmu, `data.lm_seq_len` (0 = L) for lm."""
+  d = config.data
+  length = int(d.max_text_len) + int(config.vocab.num_image_tokens) + 3
+  return {"t2i": length, "lm": int(d.lm_seq_len) or length, "mmu": length}
+
+
 def head_dim(model: ConfigDict) -> int:
   """Per-head width: `model.head_dim`, or d_model // num_heads when it is 0."""
   return int(model.head_dim) or int(model.d_model) // int(model.num_heads)
@@ -480,6 +489,8 @@ def _validate_data(d: ConfigDict, vocab: ConfigDict, errors: list[str]) -> None:
            f"must be an integer >= 2 (BOS and EOS), got {d.max_text_len!r}", errors)
   _require(0.0 <= d.cond_dropout_prob <= 1.0, "data.cond_dropout_prob", f"must be in [0, 1], got {d.cond_dropout_prob}",
            errors)
+  _require(isinstance(d.lm_seq_len, int) and (d.lm_seq_len == 0 or d.lm_seq_len >= 2), "data.lm_seq_len",
+           f"must be 0 (= L) or an integer >= 2 (BOS and EOS), got {d.lm_seq_len!r}", errors)
   for key in ("lm_max_chars", "read_threads", "prefetch_buffer"):
     _require(isinstance(d[key], int) and d[key] >= 0, f"data.{key}", f"must be an integer >= 0, got {d[key]!r}", errors)
   sizes = {t: d[f"batch_size_{t}"] for t in ("t2i", "lm", "mmu")}

@@ -342,3 +342,37 @@ def test_loss_fn_and_objective_hooks():
     assert float(terms[t][1]) > 0 and float(metrics[f"masked_tokens_{t}"]) >= 1
   np.testing.assert_allclose(hooks_total, total, rtol=1e-6)
   assert float(aux["masked_tokens_t2i"]) == float(metrics["masked_tokens_t2i"])
+
+
+def test_shorter_lm_rows_get_their_own_forward_pass():
+  """`data.lm_seq_len`: lm rows shorter than L. Each task's numerator equals the one of that task alone (rows never
+  attend across rows), the loss is differentiable, and t2i / mmu rows of different lengths are refused."""
+  config = config_lib.load_config(str(TINY))
+  config.unlock()
+  config.loss.lm_normalisation, config.loss.head, config.loss.attention = "answer", "full", "pair_mask"
+  model = llada.build_model(config.model)
+  params = llada.init_params(model, jax.random.key(3))
+  full = clean_batch(config)
+  short = 24
+  p = prompting.Prompter(vocab_lib.Vocab.from_config(config.vocab), int(config.data.max_text_len),
+                         int(config.vocab.num_image_tokens))
+  v = p.vocab
+  chat = [v.start_header_id, 5, v.end_header_id, 7, 8, v.eot_id, v.start_header_id, 6, v.end_header_id, 9, 10]
+  lm = jax.tree.map(jnp.asarray, prompting.stack([p.lm_chat(chat + [11, 12], short), p.lm_chat(chat, short)]))
+  assert lm["input_ids"].shape == (2, short) and full["t2i"]["input_ids"].shape[1] > short
+  batch = {"t2i": full["t2i"], "lm": lm, "mmu": full["mmu"]}
+  obj = losses.Objective(config, model)
+  corrupted = jax.jit(obj.corrupt)(batch, jax.random.key(5))
+  nums, aux = jax.jit(obj.numerators)(params, corrupted)
+  for task in losses.TASKS:
+    alone, alone_aux = jax.jit(obj.numerators)(params, {task: corrupted[task]})
+    np.testing.assert_allclose(nums[task], alone[task], rtol=1e-6)
+    assert float(aux[f"loss_tokens_{task}"]) == float(alone_aux[f"loss_tokens_{task}"])
+  assert float(aux["loss_tokens_lm"]) > 0 and float(nums["lm"]) > 0
+  assert float(obj.denominators(corrupted)["lm"]) == 2.0
+  grads = jax.grad(lambda q: losses.combine(losses.loss_terms(q, corrupted, model=model, config=config)[0],
+                                            config))(params)
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+  cut = dict(corrupted, mmu=jax.tree.map(lambda x: x[:, :short] if x.ndim == 2 else x, corrupted["mmu"]))
+  with pytest.raises(ValueError, match="t2i and mmu rows must have the same length"):
+    obj.numerators(params, cut)

@@ -300,3 +300,23 @@ def test_mmu_answers_cut_off_by_the_text_length_are_skipped_or_counted(setup):
     next(it)
   stats = it.statistics()["mmu"]["0:toyworld:qa"]
   assert stats["answer_truncated"] > 0 and stats["records"] == 32
+
+
+def test_lm_rows_of_their_own_length(setup):
+  """`data.lm_seq_len`: lm rows of that length (t2i / mmu keep L); a chat longer than it is skipped as too long
+  (strict: named), and the setting is validated."""
+  cfg, v, tok = setup
+  chat = config_with(cfg, lm_sources=("toyworld:chat",), lm_seq_len=120)
+  batch = next(build(chat, tok))
+  assert batch["lm"]["input_ids"].shape == (2, 120) and batch["t2i"]["input_ids"].shape == (4, S + N + 3)
+  for row in range(2):
+    ids = batch["lm"]["input_ids"][row]
+    assert ids[0] == v.bos_id and ids[-1] == v.eos_id and v.eot_id in ids.tolist()
+    last = np.flatnonzero(ids == v.end_header_id)[-1]
+    assert batch["lm"]["prompt_mask"][row, :last + 1].all() and not batch["lm"]["prompt_mask"][row, last + 1:].any()
+  with pytest.raises(sources.BadRecordError, match=r"too long.*lm rows of 40"):
+    next(build(config_with(chat, lm_seq_len=40, strict=True), tok))
+  with pytest.raises(config_lib.ConfigError, match="data.lm_seq_len"):
+    config_lib.validate(config_with(cfg, lm_seq_len=1))
+  assert config_lib.row_lengths(chat) == {"t2i": S + N + 3, "lm": 120, "mmu": S + N + 3}
+  assert config_lib.row_lengths(cfg)["lm"] == S + N + 3

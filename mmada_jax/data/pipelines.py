@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 import grain
 import numpy as np
 
+from mmada_jax import config as config_lib
 from mmada_jax.data import sources as src_lib
 from mmada_jax.data import toyworld as tw
 from mmada_jax.tokens import prompting
@@ -63,6 +64,7 @@ class Context:
   cond_dropout_prob: float
   mmu_literal_eot: bool
   lm_max_chars: int
+  lm_seq_len: int  # length of the lm rows (data.lm_seq_len resolved: 0 -> L)
   drop_long_captions: bool
   strict: bool
 
@@ -273,9 +275,10 @@ def _layout(ex: dict, ctx: Context, rng: np.random.Generator, notes: list[str]) 
   if ctx.task == "lm":
     text = _text_window(ex["text"], ctx, rng) if ex.get("plain") else ex["text"]
     ids = ctx.tokenizer.encode(text)
-    if not ex.get("plain") and len(ids) + 2 > p.seq_len:  # official chat loaders drop over-long conversations
-      raise src_lib.BadRecordError(ex["id"], "too long", f"{len(ids)} tokens > {p.seq_len - 2}")
-    return p.lm_chat(ids)
+    length = ctx.lm_seq_len
+    if not ex.get("plain") and len(ids) + 2 > length:  # official chat loaders drop over-long conversations
+      raise src_lib.BadRecordError(ex["id"], "too long", f"{len(ids)} tokens > {length - 2} (lm rows of {length})")
+    return p.lm_chat(ids, length)
   ids = _text_ids(ex, ctx)
   codes = _image_codes(ex, ctx, notes)
   if ctx.task == "mmu":
@@ -482,7 +485,8 @@ def make_context(config, task: str, kind: str, variant: str, tokenizer: tt.TextT
   return Context(task=task, kind=kind, variant=variant, prompter=prompting.Prompter.from_config(config),
                  tokenizer=tokenizer, image_encoder=image_encoder, resolution=int(config.magvit.resolution),
                  cond_dropout_prob=float(d.cond_dropout_prob), mmu_literal_eot=bool(d.mmu_literal_eot),
-                 lm_max_chars=int(d.lm_max_chars), drop_long_captions=bool(d.drop_long_captions),
+                 lm_max_chars=int(d.lm_max_chars), lm_seq_len=config_lib.row_lengths(config)["lm"],
+                 drop_long_captions=bool(d.drop_long_captions),
                  strict=bool(d.strict))
 
 

@@ -1,4 +1,5 @@
 """The MMaDA training objective: one forward pass over `[t2i; lm; mmu]` rows, three losses as (numerator, denominator).
+(With `data.lm_seq_len` the lm rows are shorter than L and get a forward pass of their own.)
 
 Losses (specs/mmada-official.md §4.3, tests/fixtures/parity/README.md §6), with CE the natural-log cross-entropy over
 the full vocabulary, M = (noisy id == [MASK]) & (label != -100), p the row's masking probability and A its answer
@@ -63,17 +64,28 @@ def coefficients(config: Any) -> dict[str, float]:
 
 
 def _parts(corrupted: Mapping[str, Mapping[str, Array]]) -> list[tuple[str, Mapping[str, Array]]]:
-  """Present tasks in batch order; checks that every task has `[rows, L]` ids of one common length L."""
+  """Present tasks in batch order; checks that every task has `[rows, length]` ids and that t2i and mmu share L."""
   unknown = sorted(set(corrupted) - set(TASKS))
   if unknown:
     raise KeyError(f"batch has unknown tasks {unknown}, expected a subset of {TASKS}")
   parts = [(t, corrupted[t]) for t in TASKS if t in corrupted]
   if not parts:
     raise ValueError(f"the batch holds none of the tasks {TASKS}")
-  lengths = {t: a["input_ids"].shape for t, a in parts}
-  if any(len(s) != 2 for s in lengths.values()) or len({s[1] for s in lengths.values()}) != 1:
-    raise ValueError(f"every task's input_ids must be [rows, L] with the same L, got {lengths}")
+  shapes = {t: a["input_ids"].shape for t, a in parts}
+  if any(len(s) != 2 for s in shapes.values()):
+    raise ValueError(f"every task's input_ids must be [rows, length], got {shapes}")
+  if "t2i" in shapes and "mmu" in shapes and shapes["t2i"][1] != shapes["mmu"][1]:
+    raise ValueError(f"t2i and mmu rows must have the same length L = S + N + 3, got {shapes}")
   return parts
+
+
+def _length_groups(parts) -> list[list[tuple[str, Mapping[str, Array]]]]:
+  """The tasks grouped by row length (batch order kept): one forward pass per group. All tasks share L unless
+  `data.lm_seq_len` gives the lm rows their own length."""
+  groups: dict[int, list] = {}
+  for task, a in parts:
+    groups.setdefault(a["input_ids"].shape[1], []).append((task, a))
+  return list(groups.values())
 
 
 def attention_mask_for(parts, convention: str) -> Array | None:
@@ -248,7 +260,8 @@ def token_ce(kernel: Array, h: Array, labels: Array, loss_mask: Array, args, *, 
 
 def numerators(params: Any, corrupted: Mapping[str, Mapping[str, Array]], *, model, config: Any,
                per_row: bool = False):
-  """One forward pass over the concatenated rows; per-task numerators (sums, additive over micro-batches).
+  """One forward pass over the concatenated rows (one per row length, see `_length_groups`); per-task numerators
+  (sums, additive over micro-batches).
 
   Args:
     params: model parameters; corrupted: `{task: arrays}` as `corruption.corrupt_batch` returns them — `input_ids`
@@ -270,23 +283,26 @@ def numerators(params: Any, corrupted: Mapping[str, Mapping[str, Array]], *, mod
   if sum(a["input_ids"].shape[0] for _, a in parts) == 0:  # every present task has 0 rows: nothing to run
     rows_out = {t: jnp.zeros((0,), jnp.float32) for t, _ in parts}
     return (nums, aux, rows_out) if per_row else (nums, aux)
-  ids = jnp.concatenate([a["input_ids"] for _, a in parts]).astype(jnp.int32)
-  labels = jnp.concatenate([a["labels"] for _, a in parts]).astype(jnp.int32)
-  weights = [position_weights(t, a, mask_id=int(config.vocab.mask_id), text_len=int(config.data.max_text_len),
-                              lm_normalisation=str(lc.lm_normalisation)) for t, a in parts]
-  w = jnp.concatenate(weights)
-  h = model.apply({"params": params}, ids, attention_mask_for(parts, str(lc.attention)), output="hidden")
-  ce, overflow = token_ce(params["lm_head"]["kernel"], h, labels, w != 0, model.args, head=str(lc.head),
-                          chunk=int(lc.head_chunk), capacity=float(lc.head_capacity), groups=int(lc.head_groups))
-  contrib = jnp.sum(w * ce, axis=-1)  # [rows]
-  rows_out, start = {}, 0
-  for (task, a), wt in zip(parts, weights):
-    stop = start + a["input_ids"].shape[0]
-    nums[task] = jnp.sum(contrib[start:stop])
-    aux[f"masked_tokens_{task}"] = jnp.sum(a["input_ids"] == int(config.vocab.mask_id)).astype(jnp.float32)
-    aux[f"loss_tokens_{task}"] = jnp.sum(wt != 0).astype(jnp.float32)
-    rows_out[task] = contrib[start:stop]
-    start = stop
+  rows_out, overflow = {}, jnp.zeros((), jnp.int32)
+  for group in _length_groups(parts):
+    ids = jnp.concatenate([a["input_ids"] for _, a in group]).astype(jnp.int32)
+    labels = jnp.concatenate([a["labels"] for _, a in group]).astype(jnp.int32)
+    weights = [position_weights(t, a, mask_id=int(config.vocab.mask_id), text_len=int(config.data.max_text_len),
+                                lm_normalisation=str(lc.lm_normalisation)) for t, a in group]
+    w = jnp.concatenate(weights)
+    h = model.apply({"params": params}, ids, attention_mask_for(group, str(lc.attention)), output="hidden")
+    ce, over = token_ce(params["lm_head"]["kernel"], h, labels, w != 0, model.args, head=str(lc.head),
+                        chunk=int(lc.head_chunk), capacity=float(lc.head_capacity), groups=int(lc.head_groups))
+    overflow = jnp.maximum(overflow, over)
+    contrib = jnp.sum(w * ce, axis=-1)  # [rows of the group]
+    start = 0
+    for (task, a), wt in zip(group, weights):
+      stop = start + a["input_ids"].shape[0]
+      nums[task] = jnp.sum(contrib[start:stop])
+      aux[f"masked_tokens_{task}"] = jnp.sum(a["input_ids"] == int(config.vocab.mask_id)).astype(jnp.float32)
+      aux[f"loss_tokens_{task}"] = jnp.sum(wt != 0).astype(jnp.float32)
+      rows_out[task] = contrib[start:stop]
+      start = stop
   aux["head_overflow"] = overflow.astype(jnp.float32)
   return (nums, aux, rows_out) if per_row else (nums, aux)
 

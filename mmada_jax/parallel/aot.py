@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmada_jax import config as config_lib
 from mmada_jax.parallel import mesh as mesh_lib, partitioning, rules as rules_lib
 
 
@@ -91,13 +92,13 @@ def tpu_devices(name: str, num_slices: int = 1) -> tuple[list, Chip]:
 
 def abstract_batch(config, mesh, rules) -> dict:
   """ShapeDtypeStructs of one global training batch (the layouts of tokens/prompting.py)."""
-  length = int(config.data.max_text_len) + int(config.vocab.num_image_tokens) + 3
+  lengths = config_lib.row_lengths(config)
   sharding = partitioning.batch_sharding(mesh, rules, 2)
   batch = {}
   for task in ("t2i", "lm", "mmu"):
     rows = int(config.data[f"batch_size_{task}"])
     if rows:
-      batch[task] = {k: jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=sharding)
+      batch[task] = {k: jax.ShapeDtypeStruct((rows, lengths[task]), jnp.int32, sharding=sharding)
                      for k in ("input_ids", "labels", "valid_mask", "prompt_mask")}
   return batch
 
