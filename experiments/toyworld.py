@@ -5,6 +5,8 @@ Variants (`experiments/toyworld.py:<stage>`):
   cot      Mix-CoT: t2i + chat/CoT text (answer-length normalisation, 32 rows of 112) + CoT visual QA;
            coefficients 1.0 / 0.5 / 0.5
   text     stage1 with text only (no image tokenizer needed)
+  chat     the Mix-CoT chat/CoT word problems alone, 64 rows of 112 per step: a text phase between Mix-CoT runs (the
+           image tasks cost ~85 % of a Mix-CoT step; text needs far more examples than they leave room for)
 
 Images are 64 px, tokenized by the ToyWorld MAGVIT-v2 of `experiments/magvit_toyworld.py` (its `magvit` section is
 used as is; 16 x 16 = 256 codes of 10 bits); set `--config.data.image_tokenizer=PATH` to its checkpoint
@@ -20,13 +22,13 @@ from mmada_jax.tokens.vocab import apply_toy_vocab
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-VARIANTS = ("stage1", "cot", "text")
+VARIANTS = ("stage1", "cot", "text", "chat")
 
 
 def get_config(arg: str | None = None):
   stage = arg or "stage1"
-  if stage not in ("stage1", "cot", "text"):
-    raise ValueError(f"toyworld: unknown stage {stage!r} (stage1, cot, text)")
+  if stage not in VARIANTS:
+    raise ValueError(f"toyworld: unknown stage {stage!r} ({', '.join(VARIANTS)})")
   config = get_base_config()
   config.name = f"toyworld_{stage}"
   tokenizer = load_module(os.path.join(HERE, "magvit_toyworld.py")).get_config()
@@ -52,7 +54,7 @@ def get_config(arg: str | None = None):
   # Train with the attention the samplers use (hard-masked [iPAD] keys of short prompts). The official float bias only
   # down-weights them; a model trained from scratch that way, then sampled with the hard mask, draws noise.
   lc.attention = "pair_mask"
-  if stage == "cot":
+  if stage in ("cot", "chat"):
     lc.coeff_t2i, lc.coeff_lm, lc.coeff_mmu = 1.0, 0.5, 0.5
     lc.lm_normalisation = "answer"
     d.lm_sources, d.mmu_sources = ("toyworld:chat",), ("toyworld:cot",)
@@ -61,6 +63,8 @@ def get_config(arg: str | None = None):
     # three-quarters EOS padding; the saved compute buys 4x the word problems per step.
     d.lm_seq_len, d.batch_size_lm = 112, 32
     o.learning_rate, o.warmup_steps = 5e-4, 20
-  if stage == "text":
+  if stage in ("text", "chat"):
     d.batch_size_t2i, d.batch_size_mmu = 0, 0
+  if stage == "chat":
+    d.batch_size_lm = 64
   return config
