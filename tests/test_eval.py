@@ -29,10 +29,11 @@ def test_eval_all_tasks_writes_json_markdown_and_grid(ckpts, capsys):
   for task, res in result["tasks"].items():
     assert res["count"] == 3 and sum(k["count"] for k in res["by_kind"].values()) == 3, task
     assert 1 <= len(res["examples"]) <= 3
+    assert 0.0 <= res["chance"]["accuracy"] <= 1.0 and res["chance"]["method"], task
   assert result["tasks"]["text"]["text_format"] == "chat" and 0.0 <= result["tasks"]["text"]["format"] <= 1.0
   assert result["tasks"]["mmu"]["cot"] is True  # the cot stage trains CoT visual answers
   assert result["settings"]["text"]["gen_length"] == 16 and result["settings"]["image"]["timesteps"] == 2
-  assert "| text | all |" in out.out and "| t2i | all |" in out.out
+  assert "| text | all |" in out.out and "| t2i | all |" in out.out and "| mmu | chance: the most frequent" in out.out
   assert os.path.exists(base + ".md") and os.path.exists(base + "_t2i.png")
   with pytest.raises(config_lib.ConfigError, match="output exists.*--overwrite"):
     te.main_eval(args + config_args())
@@ -178,3 +179,24 @@ def test_eval_clip_needs_t2i_and_local_weights(ckpts, tmp_path):
   with pytest.raises(ValueError, match="no such directory"):
     te.main_eval(args + ["--tasks", "t2i", "--clip", str(tmp_path / "missing"), "--out", str(tmp_path / "o.json")]
                  + config_args())
+
+
+def test_chance_baselines():
+  """Answers that ignore the input: the majority training answer per operation / question kind, and for t2i another
+  record's true image (its own image passes the checker every time, which shows what the baseline leaves out)."""
+  from collections import Counter
+
+  world = tw.ToyWorld()
+  records = [world.example("test", i) for i in range(40)]
+  train = [world.example("train", i, render_image=False) for i in range(te.CHANCE_TRAIN_RECORDS)]
+  for kind in ("count_colour", "exists"):
+    majority = Counter(r["answer"] for r in train if r["question_kind"] == kind).most_common(1)[0][0]
+    subset = [r for r in records if r["question_kind"] == kind]
+    expected = sum(r["answer"] == majority for r in subset) / len(subset)
+    assert te.chance_baseline(world, "mmu", subset, 40)["accuracy"] == pytest.approx(expected), kind
+  text = te.chance_baseline(world, "text", records, 40)
+  assert 0.0 < text["accuracy"] < 0.5 and "operation" in text["method"]
+  assert te.chance_baseline(world, "t2i", records, 0)["accuracy"] == 1.0  # each record's own image
+  assert te.chance_baseline(world, "t2i", records, 40)["accuracy"] < 0.1
+  row = te.format_table({"tasks": {"text": {"accuracy": 0.5, "count": 40, "by_kind": {}, "chance": text}}})
+  assert f"| text | chance: the most frequent training answer per operation | {text['accuracy']:.3f} | 40 |" in row

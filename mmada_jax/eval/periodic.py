@@ -67,7 +67,7 @@ class PeriodicSampler:
     sampler = sample_cli.Sampler(self.config, self.model, params, origin={"source": "training", "step": step},
                                  **self._parts)
     options = toyworld_eval.EvalOptions(tasks=self.tasks, count=self.count, batch_size=min(16, self.count),
-                                        seed=int(self.config.seed), text_format="auto")
+                                        seed=int(self.config.seed), text_format="auto", chance=False)
     result, grid = toyworld_eval.evaluate(sampler, options, log=lambda _: None)
     scores = {f"sample_acc_{t}": float(a) for t, a in result["accuracy"].items()}
     if jax.process_index() != 0:  # every host generates (one program over the mesh); the first one writes

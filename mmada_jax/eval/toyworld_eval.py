@@ -16,6 +16,9 @@ Records `start .. start + count - 1` of the ToyWorld `test` split (its own fixed
 Sampler settings: `sampling.text` (text, mmu) and `sampling.image` (t2i) of the config (`--config.sampling.*`).
 Default tasks: text, plus mmu and t2i when an image tokenizer is configured (`--magvit` / `data.image_tokenizer`).
 
+Each task also reports its chance baseline on the same records (`chance_baseline`: the most frequent training answer
+per operation / question kind; for t2i the true image of another test record).
+
 Output: a table on stdout and, next to `--out` (default WORKDIR/eval/toyworld_step<N>.json, or ./toyworld_eval.json),
 the JSON (accuracies, per-kind accuracies, settings, example answers), a markdown table (`.md`) and a PNG grid of the
 first generated images (`_t2i.png`). Existing files are never replaced unless `--overwrite`.
@@ -30,7 +33,7 @@ import os
 import re
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Callable, Sequence
 
 import numpy as np
@@ -42,6 +45,7 @@ TEXT_FORMATS = ("auto", "chat", "plain")
 _OPERATIONS = {"+": "add", "-": "subtract", "*": "multiply"}
 EXAMPLES = 3  # answers kept per task in the JSON
 GRID_IMAGES = 16  # generated images in the PNG grid
+CHANCE_TRAIN_RECORDS = 2000  # training records whose most frequent answers make the text / mmu chance baselines
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -117,8 +121,7 @@ def eval_text(sampler, records: Sequence[dict], settings, batch_size: int, key, 
   answers = _answers(sampler, prompts, settings, batch_size, key)
   refs = [r["problem_answer"] for r in records]
   correct = [checkers.check_answer(a, ref) for a, ref in zip(answers, refs)]
-  out = _summary(correct, [_OPERATIONS[re.search(r"[-+*]", r["problem_reasoning"]).group()] for r in records],
-                 answers, refs, shown)
+  out = _summary(correct, [_operation(r) for r in records], answers, refs, shown)
   if fmt == "chat":
     v = sampler.vocab
     out["format"] = float(np.mean([v.think_open in a and v.think_close in a.split(v.think_open, 1)[1]
@@ -181,6 +184,30 @@ def eval_t2i(sampler, records: Sequence[dict], settings, batch_size: int, key,
 # The whole evaluation
 
 
+def _operation(record: dict) -> str:
+  return _OPERATIONS[re.search(r"[-+*]", record["problem_reasoning"]).group()]
+
+
+def chance_baseline(world, task: str, records: Sequence[dict], others: int) -> dict:
+  """The accuracy of answers that ignore the input, on the same records — what "above chance" is measured against:
+  text  the most frequent answer of the first CHANCE_TRAIN_RECORDS training problems with the same operation;
+  mmu   the most frequent training answer of the same question kind;
+  t2i   the true image of another test record (records `others`, `others + 1`, ...), checked against this prompt."""
+  from mmada_jax.data import toyworld_checkers as checkers
+
+  if task == "t2i":
+    ok = [checkers.check_draw(world.example("test", others + i)["image"], r) for i, r in enumerate(records)]
+    return {"accuracy": float(np.mean(ok)) if ok else 0.0, "method": "the true image of another test record"}
+  train = [world.example("train", i, render_image=False) for i in range(CHANCE_TRAIN_RECORDS)]
+  kind, answer = (_operation, "problem_answer") if task == "text" else (lambda r: r["question_kind"], "answer")
+  counts: dict[str, Counter] = defaultdict(Counter)
+  for r in train:
+    counts[kind(r)][r[answer]] += 1
+  ok = [kind(r) in counts and checkers.check_answer(counts[kind(r)].most_common(1)[0][0], r[answer]) for r in records]
+  what = "operation" if task == "text" else "question kind"
+  return {"accuracy": float(np.mean(ok)) if ok else 0.0, "method": f"the most frequent training answer per {what}"}
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalOptions:
   tasks: tuple[str, ...] = TASKS
@@ -190,6 +217,7 @@ class EvalOptions:
   seed: int = 0
   text_format: str = "auto"
   clip: Callable | None = None  # an rl.rewards.ClipScore: CLIP score of the t2i images (`--clip DIR`)
+  chance: bool = True  # also the chance baseline of each task (`chance_baseline`)
 
 
 def evaluate(sampler, options: EvalOptions, log: Callable[[str], None] = print) -> tuple[dict, np.ndarray | None]:
@@ -221,8 +249,11 @@ def evaluate(sampler, options: EvalOptions, log: Callable[[str], None] = print) 
     if task in ("text", "mmu"):
       result["settings"]["text"] = dataclasses.asdict(text_s)
     res["seconds"] = time.perf_counter() - t0
+    if options.chance:
+      res["chance"] = chance_baseline(world, task, records, options.start + options.count)
     result["tasks"][task] = res
-    log(f"{task}: accuracy {res['accuracy']:.3f} on {res['count']} records ({res['seconds']:.1f} s)")
+    chance = f", chance {res['chance']['accuracy']:.3f}" if "chance" in res else ""
+    log(f"{task}: accuracy {res['accuracy']:.3f} on {res['count']} records{chance} ({res['seconds']:.1f} s)")
   result["accuracy"] = {t: r["accuracy"] for t, r in result["tasks"].items()}
   return result, grid
 
@@ -238,6 +269,8 @@ def format_table(result: dict) -> str:
       rows.append(f"| {task} | `<think>` format | {res['format']:.3f} | {res['count']} |")
     if "clip_score" in res:
       rows.append(f"| {task} | CLIP score (×100) | {res['clip_score']:.2f} | {res['count']} |")
+    if "chance" in res:
+      rows.append(f"| {task} | chance: {res['chance']['method']} | {res['chance']['accuracy']:.3f} | {res['count']} |")
   return "\n".join(rows)
 
 
