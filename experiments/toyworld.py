@@ -6,7 +6,7 @@ Variants (`experiments/toyworld.py:<stage>`):
            coefficients 1.0 / 0.5 / 0.5
   text     stage1 with text only (no image tokenizer needed)
   chat     the Mix-CoT chat/CoT word problems alone, 64 rows of 112 per step: a text phase between Mix-CoT runs (the
-           image tasks cost ~85 % of a Mix-CoT step; text needs far more examples than they leave room for)
+           image rows hold ~70 % of a Mix-CoT step's tokens; text needs far more examples than they leave room for)
 
 Images are 64 px, tokenized by the ToyWorld MAGVIT-v2 of `experiments/magvit_toyworld.py` (its `magvit` section is
 used as is; 16 x 16 = 256 codes of 10 bits); set `--config.data.image_tokenizer=PATH` to its checkpoint
