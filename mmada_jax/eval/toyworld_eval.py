@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -188,6 +189,12 @@ def _operation(record: dict) -> str:
   return _OPERATIONS[re.search(r"[-+*]", record["problem_reasoning"]).group()]
 
 
+@functools.lru_cache(maxsize=4)
+def _training_sample(world) -> tuple[dict, ...]:
+  """The first CHANCE_TRAIN_RECORDS training records without images (shared by the text and mmu baselines)."""
+  return tuple(world.example("train", i, render_image=False) for i in range(CHANCE_TRAIN_RECORDS))
+
+
 def chance_baseline(world, task: str, records: Sequence[dict], others: int) -> dict:
   """The accuracy of answers that ignore the input, on the same records — what "above chance" is measured against:
   text  the most frequent answer of the first CHANCE_TRAIN_RECORDS training problems with the same operation;
@@ -198,7 +205,7 @@ def chance_baseline(world, task: str, records: Sequence[dict], others: int) -> d
   if task == "t2i":
     ok = [checkers.check_draw(world.example("test", others + i)["image"], r) for i, r in enumerate(records)]
     return {"accuracy": float(np.mean(ok)) if ok else 0.0, "method": "the true image of another test record"}
-  train = [world.example("train", i, render_image=False) for i in range(CHANCE_TRAIN_RECORDS)]
+  train = _training_sample(world)
   kind, answer = (_operation, "problem_answer") if task == "text" else (lambda r: r["question_kind"], "answer")
   counts: dict[str, Counter] = defaultdict(Counter)
   for r in train:
