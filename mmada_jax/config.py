@@ -383,10 +383,12 @@ def _require(cond: bool, key: str, msg: str, errors: list[str]) -> None:
 
 
 def row_lengths(config: ConfigDict) -> dict[str, int]:
-  """`{task: length of its training rows}`: L = S + N + 3 for t2i and mmu, `data.lm_seq_len` (0 = L) for lm."""
-  d = config.data
-  length = int(d.max_text_len) + int(config.vocab.num_image_tokens) + 3
-  return {"t2i": length, "lm": int(d.lm_seq_len) or length, "mmu": length}
+  """`{task: length of its training rows}`: L = S + N + 3 (`Prompter.seq_len`) for t2i and mmu, `data.lm_seq_len`
+  (0 = L) for lm."""
+  from mmada_jax.tokens import prompting
+
+  length = prompting.Prompter.from_config(config).seq_len
+  return {"t2i": length, "lm": int(config.data.lm_seq_len) or length, "mmu": length}
 
 
 def head_dim(model: ConfigDict) -> int:
