@@ -7,6 +7,8 @@ Variants (`experiments/toyworld.py:<stage>`):
   text     stage1 with text only (no image tokenizer needed)
   chat     the Mix-CoT chat/CoT word problems alone, 64 rows of 112 per step: a text phase between Mix-CoT runs (the
            image rows hold ~70 % of a Mix-CoT step's tokens; text needs far more examples than they leave room for)
+  mmu      the Mix-CoT visual questions (CoT answers) alone, 32 rows per step: an image-understanding phase between
+           Mix-CoT runs, as `chat` is for text
 
 Images are 64 px, tokenized by the ToyWorld MAGVIT-v2 of `experiments/magvit_toyworld.py` (its `magvit` section is
 used as is; 16 x 16 = 256 codes of 10 bits); set `--config.data.image_tokenizer=PATH` to its checkpoint
@@ -22,7 +24,7 @@ from mmada_jax.tokens.vocab import apply_toy_vocab
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-VARIANTS = ("stage1", "cot", "text", "chat")
+VARIANTS = ("stage1", "cot", "text", "chat", "mmu")
 
 
 def get_config(arg: str | None = None):
@@ -54,7 +56,7 @@ def get_config(arg: str | None = None):
   # Train with the attention the samplers use (hard-masked [iPAD] keys of short prompts). The official float bias only
   # down-weights them; a model trained from scratch that way, then sampled with the hard mask, draws noise.
   lc.attention = "pair_mask"
-  if stage in ("cot", "chat"):
+  if stage in ("cot", "chat", "mmu"):
     lc.coeff_t2i, lc.coeff_lm, lc.coeff_mmu = 1.0, 0.5, 0.5
     lc.lm_normalisation = "answer"
     d.lm_sources, d.mmu_sources = ("toyworld:chat",), ("toyworld:cot",)
@@ -67,4 +69,6 @@ def get_config(arg: str | None = None):
     d.batch_size_t2i, d.batch_size_mmu = 0, 0
   if stage == "chat":
     d.batch_size_lm = 64
+  if stage == "mmu":
+    d.batch_size_t2i, d.batch_size_lm, d.batch_size_mmu = 0, 0, 32
   return config

@@ -348,6 +348,8 @@ def rl_section() -> ConfigDict:
   r.image_reward_dir = ""  # local weights of the ImageReward reward (required by the "image_reward" component)
   r.eval_prompts = 0  # held-out (test split) prompts scored greedily at the start, every eval_every steps, the end
   r.eval_every = 0  # RL steps between held-out evaluations (0 = start and end only)
+  r.eval_samples = 0  # text: also score this many answers per held-out prompt sampled like the rollouts
+  #                   (rl.temperature, fixed keys) as eval_sampled_* (0 = greedy only)
   r.log_every = 1  # RL steps between metric lines
   r.dump_every = 10  # RL steps between sample dumps (WORKDIR/samples.jsonl); 0 = never
   r.dump_count = 4  # responses written per dump
@@ -624,7 +626,7 @@ def _validate_rl(config: ConfigDict, errors: list[str]) -> None:
               "micro_batches", "prompt_len", "gen_length", "block_length", "rollout_steps", "log_every",
               "dump_count"):
     _require(isinstance(r[key], int) and r[key] >= 1, f"rl.{key}", f"must be an integer >= 1, got {r[key]!r}", errors)
-  for key in ("seed", "eval_prompts", "eval_every", "dump_every"):
+  for key in ("seed", "eval_prompts", "eval_every", "eval_samples", "dump_every"):
     _require(isinstance(r[key], int) and r[key] >= 0, f"rl.{key}", f"must be an integer >= 0, got {r[key]!r}", errors)
   rows = r.prompts_per_step * r.group_size
   _require(rows % max(r.micro_batches, 1) == 0, "rl.micro_batches",

@@ -73,6 +73,32 @@ def test_two_steps_checkpoint_resume_and_init_from(tmp_path, capsys):
   jax.tree.map(same, jax.device_get(from_run.ref_params), jax.device_get(final_a.state.params))
 
 
+def test_sampled_evaluation(tmp_path):
+  """`rl.eval_samples` = k adds eval_sampled_* scores: each held-out prompt answered k times at the rollout
+  temperature (distinct draws); at temperature 0 they are the greedy answers; t2i and k = 0 add nothing."""
+  over = {**SMALL, "rl.eval_prompts": "3", "rl.eval_samples": "2"}
+  for temperature in ("1.0", "0.0"):
+    run = loop.setup(config_lib.load_config(f"{RL}:text", {**over, "rl.temperature": temperature}),
+                     str(tmp_path / temperature), log=lambda s: None)
+    seen, real = [], run.rewards
+    run.rewards = lambda samples: (seen.append([(s["id"], s["response"]) for s in samples]), real(samples))[1]
+    scores = loop.evaluate(run, 3)
+    names = {"correctness", "format", "total", "accuracy"}
+    assert set(scores) == {f"eval_{n}" for n in names} | {f"eval_sampled_{n}" for n in names}, sorted(scores)
+    assert all(np.isfinite(v) for v in scores.values())
+    assert len(seen) == 2 and all(len(batch) == 8 for batch in seen)  # one rollout batch each (static shape)
+    greedy = dict(seen[0][:3])
+    sampled = seen[1][:6]
+    ids = [i for i, _ in sampled]
+    assert ids == [i for i in greedy for _ in range(2)]  # each prompt k times, in order
+    if temperature == "0.0":
+      assert all(text == greedy[i] for i, text in sampled)
+    else:
+      assert any(sampled[2 * j][1] != sampled[2 * j + 1][1] for j in range(3))
+  run.config.rl.eval_samples = 0
+  assert not any(k.startswith("eval_sampled") for k in loop.evaluate(run, 1))
+
+
 def test_experiment_variants_load():
   text = config_lib.load_config(f"{RL}:text")
   d1 = config_lib.load_config(f"{RL}:text_d1")
@@ -91,7 +117,7 @@ def test_t2i_task(tmp_path):
   from test_sample_cli import OVERRIDES as IMAGE
 
   image = {k: v for k, v in IMAGE.items() if k.startswith(("magvit.", "vocab.", "data.toyworld"))}
-  over = {**SMALL, **image, "sampling.image.timesteps": "2", "rl.eval_prompts": "4",
+  over = {**SMALL, **image, "sampling.image.timesteps": "2", "rl.eval_prompts": "4", "rl.eval_samples": "2",
           "data.image_tokenizer": str(tmp_path / "magvit")}
   config = config_lib.load_config(f"{RL}:t2i", over)
   cfg = magvit.MagvitConfig.from_config(config.magvit)
@@ -108,6 +134,7 @@ def test_t2i_task(tmp_path):
     assert abs(r["ratio_first_iter"] - 1) < 1e-5
     assert r["response_len"] == 64 and r["truncated_frac"] == 0
   assert [r["step"] for r in rows if "eval_t2i_checker" in r] == [0, 2]
+  assert not any(k.startswith("eval_sampled") for r in rows for k in r)  # the image eval is sampled already
   dumps = [json.loads(line) for line in open(os.path.join(work, "samples.jsonl"))]
   assert len(dumps) == 4 and {"prompt", "t2i_checker", "t2i_attributes", "advantage"} <= set(dumps[0])
   assert os.path.exists(os.path.join(work, "samples", "rl_step_2.png"))

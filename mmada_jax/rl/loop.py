@@ -40,7 +40,7 @@ from mmada_jax.rl import t2i as t2i_lib
 from mmada_jax.tokens import text_tokenizer as tt, vocab as vocab_lib
 from mmada_jax.train import data_setup, faults, loop as train_loop, metrics_io, optim, state as state_lib
 
-SCHEDULE_TAG, MASK_TAG, ROLLOUT_TAG, EVAL_TAG = 0, 1, 2, 3
+SCHEDULE_TAG, MASK_TAG, ROLLOUT_TAG, EVAL_TAG, SAMPLED_EVAL_TAG = 0, 1, 2, 3, 4
 REFERENCE_DIR = "reference"  # WORKDIR/reference: the frozen reference of runs started from random weights
 
 
@@ -364,19 +364,33 @@ def _step_metrics(per_iter: list[dict], scores: dict, adv: dict, roll: dict, nam
 
 def evaluate(run: RLRun, count: int) -> dict:
   """Held-out rewards and accuracy on the first `count` test prompts (batches of the rollout size): greedy text
-  answers; t2i images drawn with a fixed key."""
-  b = int(run.config.rl.prompts_per_step) * int(run.config.rl.group_size)
+  answers; t2i images drawn with a fixed key. Text with `rl.eval_samples` = k > 0 also scores k answers per prompt
+  sampled like the rollouts (temperature `rl.temperature`, fixed keys) as `eval_sampled_*`: the policy that RL
+  optimises, whose accuracy a greedy evaluation of an already-confident model hides."""
   held = ToyWorldPrompts(run.config, run.tokenizer, split="test")
   records = [held.record(i) for i in range(count)]
+  out = {f"eval_{k}": v for k, v in _scores(run, records, greedy=True, tag=EVAL_TAG).items()}
+  k = int(run.config.rl.eval_samples)
+  if k and run.config.rl.task != "t2i":
+    repeated = [r for r in records for _ in range(k)]
+    sampled = _scores(run, repeated, greedy=False, tag=SAMPLED_EVAL_TAG)
+    out.update({f"eval_sampled_{name}": v for name, v in sampled.items()})
+  return out
+
+
+def _scores(run: RLRun, records: list[dict], greedy: bool, tag: int) -> dict:
+  """Mean of each reward component (and accuracy) over `records`, rolled out in batches of the rollout size."""
+  b = int(run.config.rl.prompts_per_step) * int(run.config.rl.group_size)
   scores: dict[str, list] = {}
-  for start in range(0, count, b):
+  for start in range(0, len(records), b):
     chunk = records[start:start + b]
-    chunk = chunk + [chunk[-1]] * (b - len(chunk))  # static batch shape: pad with repeats, dropped below
-    key = jax.random.fold_in(jax.random.key(EVAL_TAG), start)  # text: greedy, the key is unused
-    out = run.rewards(rollout(run, chunk, key, greedy=True)["samples"])
-    for k, v in out.items():
-      scores.setdefault(k, []).extend(v[:min(b, count - start)].tolist())
-  return {f"eval_{k}": float(np.mean(v)) for k, v in scores.items()}
+    n = len(chunk)
+    chunk = chunk + [chunk[-1]] * (b - n)  # static batch shape: pad with repeats, dropped below
+    key = jax.random.fold_in(jax.random.key(tag), start)  # greedy text: unused
+    out = run.rewards(rollout(run, chunk, key, greedy=greedy)["samples"])
+    for name, v in out.items():
+      scores.setdefault(name, []).extend(v[:n].tolist())
+  return {name: float(np.mean(v)) for name, v in scores.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
