@@ -64,6 +64,9 @@ def get_config(arg: str | None = None):
     # Chat rows are at most 103 positions: lm rows of 112 (their own forward pass) instead of L = 379, which were
     # three-quarters EOS padding; the saved compute buys 4x the word problems per step.
     d.lm_seq_len, d.batch_size_lm = 112, 32
+    # Their answers fill 23-34 positions: the text task is evaluated with the RL rollout's 16 tokens in blocks of 8
+    # (sampling.text's 64 tokens, which the visual questions' captions need, are out of distribution for it).
+    st.eval_text.gen_length, st.eval_text.block_length, st.eval_text.steps = 16, 8, 16
     o.learning_rate, o.warmup_steps = 5e-4, 20
   if stage in ("text", "chat"):
     d.batch_size_t2i, d.batch_size_mmu = 0, 0

@@ -276,6 +276,10 @@ def sampling_section() -> ConfigDict:
   s.text.stop_at_eot = False  # stop after a block ending in vocab.eot_id in every row (official mmu_generate_fast)
   s.text.threshold = 0.0  # > 0: confidence-threshold parallel decoding (approximate; steps then ignored)
   s.text.dual_cache = False  # approximate key/value cache of the frozen prefix/suffix, refreshed per block
+  s.eval_text = ConfigDict()  # the text-reasoning task of `mmada-jax eval` and of training's periodic evaluation:
+  s.eval_text.gen_length = 0  # these replace sampling.text's (0 = keep it), e.g. a length near the training answers'
+  s.eval_text.block_length = 0  # when the visual questions (same sampling.text otherwise) need longer answers
+  s.eval_text.steps = 0
   s.image = ConfigDict()
   s.image.timesteps = 15  # official demos: 15 steps, guidance 3.5, T0 = 1, cosine (§5.2)
   s.image.guidance_scale = 3.5  # (1 + g) cond - g uncond
@@ -596,6 +600,16 @@ def _validate_sampling(s: ConfigDict, errors: list[str]) -> None:
              f"sampling.text.gen_length={t.gen_length} is not a multiple of block_length={t.block_length}", errors)
     _require(t.threshold > 0 or t.steps % max(1, t.gen_length // t.block_length) == 0, "sampling.text.steps",
              f"{t.steps} is not a multiple of the number of blocks {t.gen_length // t.block_length}", errors)
+  e = s.eval_text
+  for key in ("gen_length", "block_length", "steps"):
+    _require(isinstance(e[key], int) and e[key] >= 0, f"sampling.eval_text.{key}", f"must be an integer >= 0 (0 = "
+             f"sampling.text.{key}), got {e[key]!r}", errors)
+  if all(isinstance(e[k], int) and isinstance(t[k], int) for k in ("gen_length", "block_length", "steps")):
+    g, b, n = (e[k] or t[k] for k in ("gen_length", "block_length", "steps"))
+    _require(b > 0 and g % b == 0, "sampling.eval_text.block_length",
+             f"the text task's gen_length={g} is not a multiple of its block_length={b}", errors)
+    _require(b <= 0 or t.threshold > 0 or n % max(1, g // b) == 0, "sampling.eval_text.steps",
+             f"the text task's steps={n} is not a multiple of its number of blocks {g // max(b, 1)}", errors)
   _require(t.remasking in ("low_confidence", "random"), "sampling.text.remasking",
            f"must be 'low_confidence' or 'random', got {t.remasking!r}", errors)
   _require(0.0 <= t.threshold < 1.0, "sampling.text.threshold", f"must be in [0, 1) (0 = off), got {t.threshold}",

@@ -17,7 +17,9 @@ def ckpts(tmp_path_factory):
 
 
 def test_eval_all_tasks_writes_json_markdown_and_grid(ckpts, capsys):
-  args = ["--workdir", ckpts["workdir"], "--magvit", ckpts["magvit"], "--count", "3", "--batch_size", "2"]
+  args = ["--workdir", ckpts["workdir"], "--magvit", ckpts["magvit"], "--count", "3", "--batch_size", "2",
+          "--config.sampling.eval_text.gen_length=8", "--config.sampling.eval_text.block_length=4",
+          "--config.sampling.eval_text.steps=4"]
   assert te.main_eval(args + config_args()) == 0
   out = capsys.readouterr()
   base = os.path.join(ckpts["workdir"], "eval", "toyworld_step7")
@@ -32,7 +34,9 @@ def test_eval_all_tasks_writes_json_markdown_and_grid(ckpts, capsys):
     assert 0.0 <= res["chance"]["accuracy"] <= 1.0 and res["chance"]["method"], task
   assert result["tasks"]["text"]["text_format"] == "chat" and 0.0 <= result["tasks"]["text"]["format"] <= 1.0
   assert result["tasks"]["mmu"]["cot"] is True  # the cot stage trains CoT visual answers
-  assert result["settings"]["text"]["gen_length"] == 16 and result["settings"]["image"]["timesteps"] == 2
+  # the text task runs with sampling.eval_text, the visual questions with sampling.text
+  assert result["settings"]["text"]["gen_length"] == 8 and result["settings"]["text"]["block_length"] == 4
+  assert result["settings"]["mmu"]["gen_length"] == 16 and result["settings"]["image"]["timesteps"] == 2
   assert "| text | all |" in out.out and "| t2i | all |" in out.out and "| mmu | chance: the most frequent" in out.out
   assert os.path.exists(base + ".md") and os.path.exists(base + "_t2i.png")
   with pytest.raises(config_lib.ConfigError, match="output exists.*--overwrite"):

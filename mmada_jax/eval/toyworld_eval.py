@@ -109,6 +109,12 @@ def plain_prefix(record: dict) -> str:
   return text[:text.rindex(" is ") + len(" is")]
 
 
+def reasoning_settings(config, text_s):
+  """The sampler settings of the text-reasoning task: `text_s` with `sampling.eval_text`'s non-zero values."""
+  e = config.sampling.eval_text
+  return dataclasses.replace(text_s, **{k: int(e[k]) for k in ("gen_length", "block_length", "steps") if int(e[k])})
+
+
 def eval_text(sampler, records: Sequence[dict], settings, batch_size: int, key, fmt: str = "chat") -> dict:
   """Arithmetic word problems: accuracy (and `format`, the `<think>` rate, in the chat format)."""
   from mmada_jax.data import toyworld_checkers as checkers
@@ -246,15 +252,17 @@ def evaluate(sampler, options: EvalOptions, log: Callable[[str], None] = print) 
     t0 = time.perf_counter()
     task_key = jax.random.fold_in(key, k)
     if task == "text":
-      res = eval_text(sampler, records, text_s, batch, task_key, text_format(config, options.text_format))
+      settings = reasoning_settings(config, text_s)
+      res = eval_text(sampler, records, settings, batch, task_key, text_format(config, options.text_format))
     elif task == "mmu":
-      res = eval_mmu(sampler, records, text_s, batch, task_key, cot=mmu_cot(config))
+      settings = text_s
+      res = eval_mmu(sampler, records, settings, batch, task_key, cot=mmu_cot(config))
     else:
       image_s = sample_cli.image_settings(config)
       res, grid = eval_t2i(sampler, records, image_s, batch, task_key, clip=options.clip)
       result["settings"]["image"] = dataclasses.asdict(image_s)
     if task in ("text", "mmu"):
-      result["settings"]["text"] = dataclasses.asdict(text_s)
+      result["settings"][task] = dataclasses.asdict(settings)
     res["seconds"] = time.perf_counter() - t0
     if options.chance:
       res["chance"] = chance_baseline(world, task, records, options.start + options.count)
