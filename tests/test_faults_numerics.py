@@ -122,6 +122,9 @@ def test_loop_counts_skips_logs_spikes_and_stops_after_consecutive_nonfinite(tmp
   assert sorted(rows) == [1, 2, 3, 4, 5, 6]  # step 7's row was not written: the run stopped there
   assert [rows[s]["skipped"] for s in range(1, 7)] == [0, 1, 0, 0, 0, 1]
   assert [rows[s]["nonfinite_steps"] for s in range(1, 7)] == [0, 1, 1, 1, 1, 2]
+  lr = optim.learning_rate_schedule(config.optimizer)  # the logged rate is the update's: a skip does not advance it
+  np.testing.assert_allclose([rows[s]["learning_rate"] for s in range(1, 7)], [lr(n) for n in (0, 1, 1, 2, 3, 4)],
+                             rtol=1e-6)
   assert [rows[s]["loss_spike"] for s in range(1, 7)] == [0, 0, 0, 0, 1, 0] and rows[6]["loss_spikes"] == 1
   assert any("step 2: non-finite loss or gradient" in m and "update skipped" in m for m in messages), messages
   assert any("step 5: loss spike" in m for m in messages), messages

@@ -34,6 +34,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mmada_jax.rl import masks as masks_lib, objective as obj
+from mmada_jax.train import optim
 from mmada_jax.train.state import TrainState
 from mmada_jax.train.step import keep_if_finite, sharding_constraint
 
@@ -180,7 +181,7 @@ def make_policy_step(model, tx: optax.GradientTransformation, s: StepSettings,
                "loss_tokens": sums["tokens"], "mask_ratio": jnp.mean(jnp.sum(resp, axis=-1) / n_maskable),
                "scheduled_ratio": jnp.mean(batch["ratios"][n]), "iteration": n.astype(jnp.float32)}
     if lr_schedule is not None:
-      metrics["learning_rate"] = lr_schedule(state.step)
+      metrics["learning_rate"] = lr_schedule(optim.applied_updates(state.opt_state, state.step))  # this update's lr
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return policy_step

@@ -40,3 +40,11 @@ def make_optimizer(opt_config) -> optax.GradientTransformation:
   if float(opt_config.grad_clip) > 0:
     return optax.chain(optax.clip_by_global_norm(float(opt_config.grad_clip)), adamw)
   return adamw
+
+
+def applied_updates(opt_state, fallback):
+  """How many updates the optimiser has applied: the count its learning-rate schedule reads (skipped non-finite steps
+  do not advance it, train/step.py), or `fallback` for an optimiser without a schedule state."""
+  found = [v for path, v in optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+           if getattr(path[-1], "tuple_name", "") == "ScaleByScheduleState"]
+  return found[0] if found else fallback

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mmada_jax.train import optim
 from mmada_jax.train.state import TrainState
 
 Batch = Mapping[str, Mapping[str, jax.Array]]  # task -> {name: [rows, ...]}
@@ -122,7 +123,7 @@ def make_train_step(hooks: LossHooks, tx: optax.GradientTransformation, coeffici
     metrics.update({f"loss_{t}": nums[t] / dens[t] for t in nums})
     metrics.update(aux)
     if lr_schedule is not None:
-      metrics["learning_rate"] = lr_schedule(state.step)
+      metrics["learning_rate"] = lr_schedule(optim.applied_updates(state.opt_state, state.step))  # this update's lr
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
