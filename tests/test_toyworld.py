@@ -148,3 +148,30 @@ def test_command_line_build_and_check(tmp_path, capsys):
   lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
   assert [x["images"] for x in lines] == ["truth", "blank", "noise", "shuffled"]
   assert lines[0]["draw"] == 1.0 and lines[1]["draw"] == lines[2]["draw"] == 0.0
+
+
+def test_cot_visual_answers_reuse_the_reasoning_tokens():
+  """A CoT visual answer follows `</think>` after a space, so it tokenises as the same words inside the reasoning do;
+  the tokenizer's own corpus keeps the original join."""
+  from mmada_jax.tokens import vocab as vocab_lib
+
+  vocab = vocab_lib.Vocab.from_config(vocab_lib.toy_vocab_values(num_plain_tokens=400))
+  tok = tw.toy_tokenizer(vocab, num_records=300)
+  close = tok.encode(vocab.think_close)
+  assert len(close) == 1
+  seen = set()
+  for i in range(300):
+    r = WORLD.example("train", i, render_image=False)
+    text = tw.mmu_task_text(r, vocab, cot=True, literal_eot=False)
+    assert f"{vocab.think_close} {r['answer']}" in text
+    ids = tok.encode(text)
+    after = ids[len(ids) - ids[::-1].index(close[0]):]  # after the last `</think>` (the instruction quotes one)
+    assert after[:len(tok.encode(" " + r["answer"]))] == tok.encode(" " + r["answer"])
+    if r["question_kind"] in ("colour_of", "shape_of", "where"):  # the answer's tokens occur in the scene's listing
+      seen.add(r["question_kind"])
+      want, listing = tok.encode(" " + r["answer"]), tok.encode(" " + r["caption"])
+      assert any(listing[j:j + len(want)] == want for j in range(len(listing))), r["answer"]
+  assert seen == {"colour_of", "shape_of", "where"}
+  corpus = tw.tokenizer_corpus(WORLD, vocab, num_records=4)
+  r = WORLD.example("train", 1, render_image=False)  # odd records appear in the CoT format
+  assert any(f"{vocab.think_close}{r['answer']}" in t for t in corpus)

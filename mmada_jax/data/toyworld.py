@@ -312,10 +312,19 @@ def objects_of(record: dict[str, Any]) -> list[Obj]:
 # Task texts (formats of mmada-official.md §3.4-3.7) and the ToyWorld tokenizer
 
 
-def mmu_task_text(record: dict[str, Any], vocab, cot: bool = False, literal_eot: bool = True) -> str:
+# Between `</think>` and a CoT visual answer. With the ToyWorld BPE a word glued to `</think>` splits into rare pieces
+# (`t`+`riangle`, `c`+`ircle`, where `t` also starts `top`), while ` triangle` is the one token the reasoning uses for
+# it: the answer is then copied from the reasoning token for token. The checkers strip whitespace.
+MMU_ANSWER_SEPARATOR = " "
+
+
+def mmu_task_text(record: dict[str, Any], vocab, cot: bool = False, literal_eot: bool = True,
+                  separator: str = MMU_ANSWER_SEPARATOR) -> str:
   """Question + answer of a record in the official mmu training format; `cot` adds the CoT instruction and answers
-  `<think>reasoning</think>answer`."""
-  answer = text_tokenizer.cot_answer(record["answer_reasoning"], record["answer"], vocab) if cot else record["answer"]
+  `<think>reasoning</think>{separator}answer`."""
+  answer = record["answer"]
+  if cot:
+    answer = text_tokenizer.cot_answer(record["answer_reasoning"], separator + answer, vocab)
   return text_tokenizer.mmu_text(record["question"], answer, vocab, literal_eot=literal_eot, cot=cot)
 
 
@@ -343,7 +352,10 @@ def tokenizer_corpus(world: ToyWorld, vocab, num_records: int = 2000) -> list[st
   out = []
   for i in range(num_records):
     r = world.example("train", i, render_image=False)
-    out += [r["draw_prompt"], r["lm_text"], mmu_task_text(r, vocab, cot=bool(i % 2), literal_eot=bool(i % 3)),
+    # The CoT visual answers keep the `</think>answer` join they had when the tokenizer was first trained: any change
+    # to this corpus retrains the BPE differently and invalidates every ToyWorld checkpoint and prepared token set.
+    mmu = mmu_task_text(r, vocab, cot=bool(i % 2), literal_eot=bool(i % 3), separator="")
+    out += [r["draw_prompt"], r["lm_text"], mmu,
             chat_problem_text(r, vocab), r2i_task_text(r, vocab)]
   return out
 
