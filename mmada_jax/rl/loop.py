@@ -433,7 +433,8 @@ def train(run: RLRun, log: Callable[[str], None] = print, progress: bool = True)
     keep = run.rl_step if run.rl_step > 0 else -1
     faults.truncate_jsonl(os.path.join(run.workdir, "metrics.jsonl"), keep)
     faults.truncate_jsonl(os.path.join(run.workdir, "samples.jsonl"), keep, step_key="rl_step")
-  writer = metrics_io.MetricsWriter(run.workdir, tensorboard=bool(config.train.tensorboard))
+  writer = metrics_io.MetricsWriter(run.workdir, tensorboard=bool(config.train.tensorboard),
+                                    resumed_from=run.rl_step if run.rl_step > 0 else -1)
   if run.rl_step == 0:
     with open(os.path.join(run.workdir, "config.json"), "w") as f:
       json.dump(train_loop.config_json(config), f, indent=2)

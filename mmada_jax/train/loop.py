@@ -189,7 +189,8 @@ def train(run: Run, log: Callable[[str], None] = print, progress: bool = True) -
   run.guard = run.guard or faults.NumericsGuard.from_config(config.train)
   if jax.process_index() == 0:  # rows after the restored step were written by the interrupted run: drop them
     faults.truncate_jsonl(os.path.join(run.workdir, "metrics.jsonl"), start if start > 0 else -1)
-  writer = metrics_io.MetricsWriter(run.workdir, tensorboard=bool(config.train.tensorboard))
+  writer = metrics_io.MetricsWriter(run.workdir, tensorboard=bool(config.train.tensorboard),
+                                    resumed_from=start if start > 0 else -1)
   if start == 0:
     with open(os.path.join(run.workdir, "config.json"), "w") as f:
       json.dump(config_json(config), f, indent=2)

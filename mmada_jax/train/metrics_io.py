@@ -11,9 +11,13 @@ import jax
 
 
 class MetricsWriter:
-  """Appends one JSON object per logged step to metrics.jsonl; mirrors scalars to TensorBoard when available."""
+  """Appends one JSON object per logged step to metrics.jsonl; mirrors scalars to TensorBoard when available.
 
-  def __init__(self, workdir: str, tensorboard: bool = True):
+  `resumed_from`: the step a resumed run restarts after. The interrupted run may have logged later steps to TensorBoard
+  (metrics.jsonl is truncated by the caller); the event file written now starts with a session-restart marker at
+  `resumed_from + 1`, which makes TensorBoard drop the older events from that step on."""
+
+  def __init__(self, workdir: str, tensorboard: bool = True, resumed_from: int | None = None):
     self.primary = jax.process_index() == 0
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.tb = None
@@ -23,7 +27,12 @@ class MetricsWriter:
       except ImportError:
         print("tensorboardX is not installed: no TensorBoard event files (pip install tensorboardX)", file=sys.stderr)
       else:
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        logdir = os.path.join(workdir, "tensorboard")
+        earlier = os.path.isdir(logdir) and any(n.startswith("events.") for n in os.listdir(logdir))
+        purge = resumed_from + 1 if earlier and resumed_from is not None else None
+        # event files are named by the second they are opened: a unique suffix keeps a writer opened in the same second
+        # as an earlier one from overwriting its file
+        self.tb = SummaryWriter(logdir, purge_step=purge, filename_suffix=f".{time.time_ns()}")
 
   def write(self, step: int, values: dict) -> None:
     if not self.primary:
