@@ -1,6 +1,8 @@
-"""metrics.jsonl / TensorBoard writer: a resumed run hides the events an interrupted run logged after its checkpoint."""
+"""metrics.jsonl / TensorBoard writer: a resumed run drops the rows and hides the events an interrupted run logged
+after its checkpoint."""
 
 import glob
+import json
 import os
 import struct
 
@@ -34,6 +36,8 @@ def test_resume_marks_a_session_restart_after_the_checkpoint(tmp_path):
   for step in (4, 5):
     w.write(step, {"loss": 10.0 * step})
   w.close()
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
   events = [e for _, e in read_events(str(tmp_path / "tensorboard"))]
   restart = [i for i, e in enumerate(events) if e.HasField("session_log")]
   assert len(restart) == 1 and events[restart[0]].step == 4  # TensorBoard drops the older events from step 4 on

@@ -429,12 +429,10 @@ def train(run: RLRun, log: Callable[[str], None] = print, progress: bool = True)
   """
   config, r = run.config, run.config.rl
   total = int(r.steps)
-  if jax.process_index() == 0:  # rows after the restored RL step were written by an interrupted run: drop them
-    keep = run.rl_step if run.rl_step > 0 else -1
-    faults.truncate_jsonl(os.path.join(run.workdir, "metrics.jsonl"), keep)
+  keep = run.rl_step if run.rl_step > 0 else -1  # rows after the restored RL step came from an interrupted run
+  if jax.process_index() == 0:
     faults.truncate_jsonl(os.path.join(run.workdir, "samples.jsonl"), keep, step_key="rl_step")
-  writer = metrics_io.MetricsWriter(run.workdir, tensorboard=bool(config.train.tensorboard),
-                                    resumed_from=run.rl_step if run.rl_step > 0 else -1)
+  writer = metrics_io.MetricsWriter(run.workdir, tensorboard=bool(config.train.tensorboard), resumed_from=keep)
   if run.rl_step == 0:
     with open(os.path.join(run.workdir, "config.json"), "w") as f:
       json.dump(train_loop.config_json(config), f, indent=2)

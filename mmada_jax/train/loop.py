@@ -187,8 +187,6 @@ def train(run: Run, log: Callable[[str], None] = print, progress: bool = True) -
   config = run.config
   total, start = int(config.train.steps), int(jax.device_get(run.state.step))
   run.guard = run.guard or faults.NumericsGuard.from_config(config.train)
-  if jax.process_index() == 0:  # rows after the restored step were written by the interrupted run: drop them
-    faults.truncate_jsonl(os.path.join(run.workdir, "metrics.jsonl"), start if start > 0 else -1)
   writer = metrics_io.MetricsWriter(run.workdir, tensorboard=bool(config.train.tensorboard),
                                     resumed_from=start if start > 0 else -1)
   if start == 0:

@@ -9,18 +9,22 @@ import time
 
 import jax
 
+from mmada_jax.train import faults
+
 
 class MetricsWriter:
   """Appends one JSON object per logged step to metrics.jsonl; mirrors scalars to TensorBoard when available.
 
-  `resumed_from`: the step a resumed run restarts after. The interrupted run may have logged later steps to TensorBoard
-  (metrics.jsonl is truncated by the caller); the event file written now starts with a session-restart marker at
-  `resumed_from + 1`, which makes TensorBoard drop the older events from that step on."""
+  `resumed_from`: the step a run restarts after (-1: from scratch). What an interrupted run logged later is dropped:
+  its metrics.jsonl rows are removed, and the event file written now starts with a session-restart marker at
+  `resumed_from + 1`, which makes TensorBoard hide the older events from that step on."""
 
   def __init__(self, workdir: str, tensorboard: bool = True, resumed_from: int | None = None):
     self.primary = jax.process_index() == 0
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.tb = None
+    if self.primary and resumed_from is not None:
+      faults.truncate_jsonl(self.path, resumed_from)
     if self.primary and tensorboard:
       try:
         from tensorboardX import SummaryWriter
