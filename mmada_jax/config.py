@@ -336,6 +336,8 @@ def rl_section() -> ConfigDict:
   r.adv_std = True  # divide by the group's population std (Eq. 15); False = mean-only (d1 / IGPO)
   r.adv_eps = 1e-6  # std below this: advantage 0, group counted as zero-std
   r.filter_zero_std = False  # give rows of zero-std groups weight 0
+  r.oversample = 1  # F > 1: roll out F * prompts_per_step prompts and train on the prompts_per_step groups whose
+  #                  rewards differ (dynamic sampling, as DAPO; zero-std groups only fill what is left). 1 = the paper
   r.logratio_clamp = 0.0  # > 0: log-ratio clipped to [-c, c] before exp
   r.logp_mode = "fold"  # how several masks are evaluated: "fold" (one pass), "vmap" or "map" (rl/objective.py)
   r.micro_batches = 1  # gradient accumulation over row slices inside the policy step
@@ -638,7 +640,7 @@ def _validate_rl(config: ConfigDict, errors: list[str]) -> None:
     _require(r[key] in choices, f"rl.{key}", f"must be one of {choices}, got {r[key]!r}", errors)
   for key in ("steps", "prompts_per_step", "group_size", "inner_steps", "masks_per_step", "schedule_T",
               "micro_batches", "prompt_len", "gen_length", "block_length", "rollout_steps", "log_every",
-              "dump_count"):
+              "dump_count", "oversample"):
     _require(isinstance(r[key], int) and r[key] >= 1, f"rl.{key}", f"must be an integer >= 1, got {r[key]!r}", errors)
   for key in ("seed", "eval_prompts", "eval_every", "eval_samples", "dump_every"):
     _require(isinstance(r[key], int) and r[key] >= 0, f"rl.{key}", f"must be an integer >= 0, got {r[key]!r}", errors)

@@ -43,6 +43,8 @@ CASES = {  # name: (config file, overrides, entry, error type, fragments the mes
                                         "magvit.resolution"]),
     "rl_generation_blocks": (RL, {"rl.gen_length": "20", "rl.block_length": "8"}, "load", config_lib.ConfigError,
                              ["rl.block_length", "rl.gen_length=20"]),
+    "rl_oversample": (RL, {"rl.oversample": "0"}, "load", config_lib.ConfigError,
+                      ["rl.oversample: must be an integer >= 1, got 0"]),
     "sampler_blocks": (TINY, {"sampling.text.gen_length": "100", "sampling.text.block_length": "32"}, "load",
                        config_lib.ConfigError, ["sampling.text.block_length"]),
     "eval_text_blocks": (TINY, {"sampling.eval_text.gen_length": "24", "sampling.eval_text.steps": "-1"}, "load",

@@ -142,3 +142,16 @@ def test_guard_state_round_trips_and_spikes_need_history():
   early = faults.NumericsGuard(3, 2.0, 100)
   assert early.update(1, 1.0, True, log.append)["loss_spike"] == 0  # nothing to compare with yet
   assert early.update(2, 100.0, True, log.append)["loss_spike"] == 0
+
+
+def test_rl_guard_counts_non_finite_steps_but_no_spikes():
+  train = config_lib.load_config(TINY, {"train.loss_spike_factor": "3", "train.max_nonfinite_steps": "2"}).train
+  g = faults.NumericsGuard.from_config(train, what="rl")
+  log = []
+  for step, loss in enumerate([1e-8, -2e-8, 1e-8] * 4 + [0.02], start=1):  # a surrogate near 0, then a large one
+    g.update(step, loss, True, log.append)
+  assert g.spikes == 0 and not log
+  g.update(14, float("nan"), False, log.append)
+  with pytest.raises(faults.NonFiniteError, match="rl: 2 consecutive steps"):
+    g.update(15, float("nan"), False, log.append)
+  assert faults.NumericsGuard.from_config(train).spike_factor == 3

@@ -159,3 +159,41 @@ def test_t2i_task(tmp_path):
                        ({"rl.rewards": "correctness,format"}, "are text rewards")):
     with pytest.raises(config_lib.ConfigError, match=message):
       loop.setup(config_lib.load_config(f"{RL}:t2i", {**over, **bad}), str(tmp_path / "bad"), log=lambda s: None)
+
+
+def test_select_groups():
+  zero = np.array([True, False, True, False, True, True])
+  np.testing.assert_array_equal(loop.select_groups(zero, 2), [1, 3])  # the groups with signal
+  np.testing.assert_array_equal(loop.select_groups(zero, 3), [0, 1, 3])  # filled with the first zero-std group
+  np.testing.assert_array_equal(loop.select_groups(np.ones(4, bool), 2), [0, 1])
+  with pytest.raises(ValueError, match="at least 3 groups"):
+    loop.select_groups(zero[:2], 3)
+
+
+def test_oversampled_step_trains_on_groups_with_signal(tmp_path):
+  """`rl.oversample` = 2: 2·Q prompts are rolled out per step, the Q groups whose rewards differ are trained on (seen in
+  the sample dump, which lists the trained rows), reward metrics cover all rollouts; the prompt iterator advances 2·Q."""
+  q, g = 2, 4
+  over = {**SMALL, "rl.eval_prompts": "0", "rl.oversample": "2", "rl.dump_count": str(q * g)}
+  run = loop.setup(config_lib.load_config(f"{RL}:text", over), str(tmp_path / "o"), log=lambda s: None)
+  drawn = [r["id"] for r in loop.ToyWorldPrompts(run.config, run.tokenizer).next(2 * q)]
+  signal = set(drawn[1::2])  # the second and the fourth prompt: one from each rollout batch
+  seen = []
+
+  class Rewards:  # the real components, but only the `signal` prompts get differing totals
+    names, real = run.rewards.names, run.rewards
+
+    def __call__(self, samples):
+      out = self.real(samples)
+      seen.extend(s["id"] for s in samples)
+      out["total"] = np.array([float(i % 2) if s["id"] in signal else 1.0 for i, s in enumerate(samples)], np.float32)
+      return out
+
+  run.rewards = Rewards()
+  metrics, dumps = loop.rl_step(run, log=lambda s: None)
+  assert seen == [i for i in drawn for _ in range(g)]  # both rollout batches, group-major
+  assert [d["id"] for d in dumps] == [i for i in drawn if i in signal for _ in range(g)]
+  assert all(abs(d["advantage"]) == 1.0 for d in dumps)  # ±1 after the std normalisation
+  assert metrics["zero_std_frac"] == 0.5 and metrics["kept_zero_std_frac"] == 0.0
+  assert run.prompts.get_state() == {"position": 2 * q}
+  assert np.isfinite(metrics["loss"]) and metrics["optimizer_step"] == 2

@@ -1,7 +1,8 @@
 """The UniGRPO loop: `mmada-jax rl --config experiments/toyworld_rl.py:text --workdir DIR [--init_from CKPT]`.
 
 One RL step (Algorithm 1, specs/unigrpo.md §2.1, §6.1):
-  1. Q prompts from the prompt iterator, each repeated G times (rows group-major);
+  1. Q prompts from the prompt iterator, each repeated G times (rows group-major); with `rl.oversample` = F, F·Q
+     prompts, of which the Q groups with differing rewards are kept after step 3 (`rl_step`);
   2. rollouts with the semi-autoregressive text sampler (`sampling_text.generate`, `rl.temperature`), same padding mask
      as every later log-probability pass (spec §7.6);
   3. on the host: decode, rewards (`rewards.RewardModel`), group-normalised advantages, zero-std groups;
@@ -313,18 +314,57 @@ def place(batch: dict, shardings: dict) -> dict:
 # One RL step
 
 
+def select_groups(zero_std: np.ndarray, q: int) -> np.ndarray:
+  """Indices (ascending) of the q groups an over-sampled step trains on: groups whose rewards differ first, in draw
+  order, then zero-std groups (which carry no signal) to fill the static batch."""
+  zero_std = np.asarray(zero_std, bool)
+  if zero_std.shape[0] < q:
+    raise ValueError(f"need at least {q} groups to choose from, got {zero_std.shape[0]}")
+  order = np.concatenate([np.flatnonzero(~zero_std), np.flatnonzero(zero_std)])
+  return np.sort(order[:q])
+
+
+def _take_rows(tree: dict, rows: np.ndarray) -> dict:
+  """The given rows of a rollout dict / score dict (numpy arrays and lists, batch axis 0)."""
+  return {k: [v[i] for i in rows] if isinstance(v, list) else np.asarray(v)[rows] for k, v in tree.items()}
+
+
+def _concat_rows(parts: list[dict]) -> dict:
+  return {k: sum((p[k] for p in parts), []) if isinstance(parts[0][k], list) else
+          np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
+
+
 def rl_step(run: RLRun, log: Callable[[str], None] = print) -> tuple[dict, list[dict]]:
-  """Rollout → rewards → precompute → μ policy steps. Returns (metrics, dumped samples with their rewards)."""
+  """Rollout → rewards → precompute → μ policy steps. Returns (metrics, dumped samples with their rewards).
+
+  With `rl.oversample` = F > 1 (dynamic sampling, as DAPO): F·Q prompts are rolled out (F batches of the usual shape)
+  and the Q groups trained on are those whose rewards differ (`select_groups`), so fewer rows carry no signal. The
+  reward / accuracy metrics cover every rollout (the policy on fresh prompts); `kept_zero_std_frac` is the share of
+  trained groups that still carry none.
+  """
   r = run.config.rl
-  q, g, mu = int(r.prompts_per_step), int(r.group_size), int(r.inner_steps)
+  q, g, mu, f = int(r.prompts_per_step), int(r.group_size), int(r.inner_steps), int(r.oversample)
   key = jax.random.fold_in(jax.random.key(int(r.seed)), run.rl_step)
-  records = [rec for rec in run.prompts.next(q) for _ in range(g)]
+  drawn = run.prompts.next(q * f)
   t0 = time.perf_counter()
-  roll = rollout(run, records, jax.random.fold_in(key, ROLLOUT_TAG))
+  rolls, all_scores = [], []
+  for j in range(f):  # the first batch uses the key of a plain step, so F = 1 is exactly the paper's loop
+    rkey = jax.random.fold_in(key, ROLLOUT_TAG)
+    part = rollout(run, [rec for rec in drawn[j * q:(j + 1) * q] for _ in range(g)],
+                   rkey if j == 0 else jax.random.fold_in(rkey, j))
+    rolls.append(part)
+    all_scores.append(run.rewards(part["samples"]))
   t1 = time.perf_counter()
-  scores = run.rewards(roll["samples"])
-  adv = obj.group_advantages(scores["total"], g, std=bool(r.adv_std), eps=float(r.adv_eps),
-                             filter_zero_std=bool(r.filter_zero_std))
+  roll_all, scores_all = _concat_rows(rolls), _concat_rows(all_scores)
+  adv_all = obj.group_advantages(scores_all["total"], g, std=bool(r.adv_std), eps=float(r.adv_eps),
+                                 filter_zero_std=bool(r.filter_zero_std))
+  if f == 1:
+    roll, scores, adv = roll_all, scores_all, adv_all
+  else:
+    groups = select_groups(adv_all["zero_std"], q)
+    rows = (groups[:, None] * g + np.arange(g)[None]).reshape(-1)
+    roll, scores = _take_rows(roll_all, rows), _take_rows(scores_all, rows)
+    adv = dict(adv=adv_all["adv"][rows], row_weight=adv_all["row_weight"][rows], zero_std=adv_all["zero_std"][groups])
   batch = place(build_batch(run.config, roll, adv, run.rl_step, key), run.fns["batch_shardings"])
   with partitioning.axis_rules(run.mesh, run.rules):
     batch.update(run.fns["precompute"](run.state.params, run.ref_params, batch))
@@ -339,8 +379,10 @@ def rl_step(run: RLRun, log: Callable[[str], None] = print) -> tuple[dict, list[
   run.guard = guard
   for n, m in enumerate(per_iter):  # skipped (non-finite) policy steps, counted per optimiser step
     booked = guard.update((run.rl_step - 1) * mu + n + 1, float(m["loss"]), float(m["finite"]) > 0, log)
-  metrics = _step_metrics(per_iter, scores, adv, roll, run.rewards.names)
-  metrics.update(booked)
+  metrics = _step_metrics(per_iter, scores_all, adv_all, roll_all, run.rewards.names)
+  metrics.update(booked, adv_abs=float(np.mean(np.abs(adv["adv"]))))
+  if f > 1:
+    metrics["kept_zero_std_frac"] = float(np.mean(adv["zero_std"]))
   metrics.update(rollout_s=t1 - t0, update_s=t2 - t1, optimizer_step=float(jax.device_get(run.state.step)))
   dumps = [dict({k: v for k, v in s.items() if k != "record"}, **{k: float(v[i]) for k, v in scores.items()},
                 advantage=float(adv["adv"][i]))

@@ -120,8 +120,10 @@ class NumericsGuard:
 
   @classmethod
   def from_config(cls, train_config, what: str = "train") -> "NumericsGuard":
-    return cls(int(train_config.max_nonfinite_steps), float(train_config.loss_spike_factor),
-               int(train_config.loss_spike_window), what)
+    """The guard of `train.*` settings; for "rl" without spike detection: the clipped surrogate has no scale (about 0
+    at θ = θ_old, of either sign), so a multiple of its running median flags noise."""
+    spike = 0.0 if what == "rl" else float(train_config.loss_spike_factor)
+    return cls(int(train_config.max_nonfinite_steps), spike, int(train_config.loss_spike_window), what)
 
 
 def inject(point: str, step: int) -> None:
