@@ -15,6 +15,8 @@ tokenizer section), so the Mix-CoT run of `mmada-jax demo` (DIR/cot) is a valid 
 `mmada-jax rl --config experiments/toyworld_rl.py:text --workdir DIR --init_from DEMO_DIR/cot` (a run workdir or a
 parameter checkpoint; `--config.train.init_from=...` is the same). Responses `<think>a+b=c</think>c<|eot_id|>` take at
 most 13 ToyWorld tokens; rollouts generate 16 in two blocks of 8, one token per model call, at temperature 1.
+A start model that already answers most problems leaves most groups without reward variance; `--config.rl.oversample=3`
+rolls out three times the prompts and trains on the groups that differ (README, UniGRPO).
 """
 
 import os
