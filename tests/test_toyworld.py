@@ -122,6 +122,31 @@ def test_check_rejects_wrong_images():
   assert ck.detect(whole) == []  # a full-image fill is not a shape
 
 
+def test_draw_attribute_scores_follow_the_prompt():
+  """Count / reason prompts leave positions free: the same objects moved score 1 (the record's scene is one layout of
+  many); wrong colour / shape / count lose exactly that attribute; all scores are 1 exactly when `check_draw` passes."""
+  rng = np.random.default_rng(3)
+  r = next(WORLD.example("test", i) for i in range(100) if WORLD.example("test", i, False)["draw_kind"] == "count")
+  objs = tw.objects_of(r)
+  taken = {o.cell for o in objs}
+  moved = [tw.Obj(o.shape, o.colour, c) for o, c in zip(objs, [c for c in range(9) if c not in taken])]
+  assert len(moved) == len(objs) and not {o.cell for o in moved} & taken
+  image = tw.render(moved, 64, 3, rng)
+  assert ck.check_draw(image, r) and ck.draw_attribute_scores(image, r) == dict(count=1.0, colour=1.0, shape=1.0)
+  assert ck.attribute_scores(image, objs)["position"] == 0  # the scene-based score would have paid for the layout
+  recolour = tw.render([tw.Obj(o.shape, (o.colour + 1) % 6, o.cell) for o in objs], 64, 3, rng)
+  assert ck.draw_attribute_scores(recolour, r) == dict(count=1.0, colour=0.0, shape=1.0)
+  extra = tw.render(objs + [tw.Obj(objs[0].shape, objs[0].colour, next(iter(set(range(9)) - taken)))], 64, 3, rng)
+  assert ck.draw_attribute_scores(extra, r) == dict(count=0.0, colour=1.0, shape=1.0)  # n of n asked, one too many
+  # Over test records and probe images (truth, another record's image, a blank): all 1 <=> the checker passes.
+  for i in range(120):
+    rec = WORLD.example("test", i)
+    for image in (rec["image"], WORLD.example("test", i + 500)["image"], np.zeros_like(rec["image"])):
+      scores = ck.draw_attribute_scores(image, rec)
+      assert all(0 <= v <= 1 for v in scores.values())
+      assert (min(scores.values()) == 1.0) == ck.check_draw(image, rec), (i, scores)
+
+
 def test_text_answer_checker():
   assert ck.check_answer("<think>3+4=7</think>7", "7", require_think=True)
   assert ck.check_answer("<think>3+4=7</think> 7.", "7")

@@ -149,6 +149,30 @@ def attribute_scores(image: np.ndarray, objects: list[tw.Obj], grid: int = 3) ->
               shape=sum(o.shape == d.shape for o, d in matched) / n)
 
 
+def count_attribute_scores(image: np.ndarray, count: int, colour: int, shape: int, grid: int = 3) -> dict[str, float]:
+  """Per-attribute agreement with a "count" / "reason" prompt (`count` objects of one colour and shape, anywhere).
+
+  `count`: number of detections equals `count`. `colour` / `shape`: detections of the asked colour / shape, at most
+  `count` of them, over `count`. Positions are not scored: the prompt does not name them. All three are 1 exactly when
+  `check_count` passes.
+  """
+  found = detect(image, grid)
+  n = max(count, 1)
+  return dict(count=float(len(found) == count), colour=min(sum(d.colour == colour for d in found), count) / n,
+              shape=min(sum(d.shape == shape for d in found), count) / n)
+
+
+def draw_attribute_scores(image: np.ndarray, record: dict[str, Any]) -> dict[str, float]:
+  """Per-attribute agreement of an image with a record's t2i prompt: `attribute_scores` against the described scene
+  for "describe" prompts, `count_attribute_scores` for "count" / "reason" prompts (whose scene's positions are one
+  random layout of many the prompt allows). All scores are 1 exactly when `check_draw` passes."""
+  grid = int(record["grid"])
+  if record["draw_kind"] == "describe":
+    return attribute_scores(image, tw.objects_of(record), grid)
+  return count_attribute_scores(image, int(record["target_count"]), int(record["target_colour"]),
+                                int(record["target_shape"]), grid)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Text checks
 

@@ -16,7 +16,9 @@ Components (`REWARDS`; `rl.rewards` / `rl.reward_weights` pick them, paper weigh
                            `rl.format_strict`, the response starts with `<think>`, has exactly one non-empty think block
                            and a non-empty answer after it (spec §4.1; the soft check is trivially satisfiable, §7.9)
   t2i_checker              ToyWorld `check_draw` on the decoded image: the programmatic image checker (1 or 0)
-  t2i_attributes           mean per-attribute agreement (count, position, colour, shape) of the decoded image
+  t2i_attributes           mean per-attribute agreement of the decoded image with its prompt (count, position, colour,
+                           shape of a described scene; count, colour, shape for "count" / "reason" prompts, whose
+                           positions are free): partial credit, 1 exactly when the checker passes
   clip / image_reward      hooks for CLIP score / ImageReward with local weights (`rl.clip_model_dir`,
                            `rl.image_reward_dir`); a clear `RewardError` when the weights or the packages are absent
 
@@ -32,7 +34,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mmada_jax.data import toyworld as tw, toyworld_checkers as checkers
+from mmada_jax.data import toyworld_checkers as checkers
 from mmada_jax.eval import answers
 
 Sample = dict[str, Any]
@@ -120,11 +122,11 @@ def t2i_checker(samples: Sequence[Sample]) -> np.ndarray:
 
 
 def t2i_attributes(samples: Sequence[Sample]) -> np.ndarray:
-  """Mean of the per-attribute scores (count, position, colour, shape) of the decoded image against its record."""
+  """Mean of the per-attribute scores of the decoded image against its prompt (`draw_attribute_scores`: count,
+  position, colour, shape of a described scene; count, colour, shape of a "count" / "reason" prompt)."""
   out = []
   for s in samples:
-    record = _field(s, "record", "t2i_attributes")
-    scores = checkers.attribute_scores(_field(s, "image", "t2i_attributes"), tw.objects_of(record), int(record["grid"]))
+    scores = checkers.draw_attribute_scores(_field(s, "image", "t2i_attributes"), _field(s, "record", "t2i_attributes"))
     out.append(np.mean(list(scores.values())))
   return np.asarray(out, np.float32)
 
