@@ -34,18 +34,19 @@ def get_config(arg: str | None = None):
   config = load_module(os.path.join(HERE, "toyworld.py")).get_config("cot")
   config.name = f"toyworld_rl_{variant}"
   o = config.optimizer  # spec §5: a small constant learning rate after a short warm-up; AdamW β2 0.99, no decay
-  o.learning_rate, o.schedule, o.warmup_steps, o.decay_steps = 1e-4, "constant", 5, 5
+  # 3e-5: at 1e-4 the KL to the reference passed 0.2 (drawing) and 0.5 (text) within 50 steps and held-out scores fell
+  o.learning_rate, o.schedule, o.warmup_steps, o.decay_steps = 3e-5, "constant", 5, 5
   o.b2, o.weight_decay, o.grad_clip = 0.99, 0.0, 1.0
   config.train.tensorboard = False
   config.checkpoint.save_every_steps = 20
   r = config.rl
-  r.steps, r.prompts_per_step, r.group_size, r.inner_steps = 100, 4, 8, 4
+  r.steps, r.prompts_per_step, r.group_size, r.inner_steps = 100, 8, 8, 4
   r.prompt_len, r.gen_length, r.block_length, r.rollout_steps, r.temperature = 96, 16, 8, 16, 1.0
   r.kl_beta, r.clip_low, r.clip_high = 0.04, 0.2, 0.2
   r.eval_prompts, r.eval_every, r.dump_every = 128, 25, 10
   if variant.startswith("t2i"):
     r.task, r.rewards, r.reward_weights = "t2i", ("t2i_checker", "t2i_attributes"), (2.0, 0.5)
-    r.prompts_per_step, r.group_size, r.eval_prompts = 2, 8, 64  # a rollout draws 256 image tokens in 12 model calls
+    r.prompts_per_step, r.group_size, r.eval_prompts = 4, 8, 64  # a rollout draws 256 image tokens in 12 model calls
   if variant.endswith("_d1"):
     r.estimator, r.normalisation, r.adv_std = "d1", "token", False
   return config
