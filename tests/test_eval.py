@@ -34,6 +34,10 @@ def test_eval_all_tasks_writes_json_markdown_and_grid(ckpts, capsys):
     assert 0.0 <= res["chance"]["accuracy"] <= 1.0 and res["chance"]["method"], task
   assert result["tasks"]["text"]["text_format"] == "chat" and 0.0 <= result["tasks"]["text"]["format"] <= 1.0
   assert result["tasks"]["mmu"]["cot"] is True  # the cot stage trains CoT visual answers
+  attrs = result["tasks"]["t2i"]["attributes"]
+  assert {"count", "colour", "shape", "mean"} <= set(attrs) and all(0.0 <= v <= 1.0 for v in attrs.values())
+  assert all("attributes" in k for k in result["tasks"]["t2i"]["by_kind"].values())
+  assert "| t2i | attribute score (colour " in out.out
   # the text task runs with sampling.eval_text, the visual questions with sampling.text
   assert result["settings"]["text"]["gen_length"] == 8 and result["settings"]["text"]["block_length"] == 4
   assert result["settings"]["mmu"]["gen_length"] == 16 and result["settings"]["image"]["timesteps"] == 2
@@ -41,6 +45,16 @@ def test_eval_all_tasks_writes_json_markdown_and_grid(ckpts, capsys):
   assert os.path.exists(base + ".md") and os.path.exists(base + "_t2i.png")
   with pytest.raises(config_lib.ConfigError, match="output exists.*--overwrite"):
     te.main_eval(args + config_args())
+
+
+def test_attribute_means_count_each_attribute_where_scored():
+  """Position is scored for "describe" prompts only, so its mean is over those images; `mean` is the mean over images
+  of their attribute average (what the `t2i_attributes` reward pays)."""
+  scores = [dict(count=1.0, position=0.5, colour=1.0, shape=0.5), dict(count=0.0, colour=1 / 3, shape=1 / 3)]
+  out = te._attribute_means(scores)
+  assert out["position"] == 0.5 and out["count"] == 0.5 and out["colour"] == pytest.approx(2 / 3)
+  assert out["mean"] == pytest.approx((0.75 + 2 / 9) / 2)
+  assert te._attribute_means([]) == {"mean": 0.0}
 
 
 def test_eval_plain_text_task_only(ckpts, tmp_path):

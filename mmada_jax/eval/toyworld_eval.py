@@ -169,22 +169,36 @@ def eval_t2i(sampler, records: Sequence[dict], settings, batch_size: int, key,
   from mmada_jax.data import toyworld_checkers as checkers
 
   prompts = [r["draw_prompt"] for r in records]
-  correct, kept, clip_scores = [], [], []
+  correct, kept, clip_scores, attributes = [], [], [], []
   for i, idx in enumerate(padded_batches(len(records), batch_size)):
     _, images = sampler.generate_images([prompts[j] for j in idx], settings, jax.random.fold_in(key, i))
     unique = idx[:len(set(idx))]
     for j, image in zip(unique, images):
       correct.append(bool(checkers.check_draw(image, records[j])))
+      attributes.append(checkers.draw_attribute_scores(image, records[j]))
       if len(kept) < GRID_IMAGES:
         kept.append(image)
     if clip is not None:
       clip_scores += list(clip([{"image": image, "prompt": prompts[j]} for j, image in zip(unique, images)]))
-  out = _summary(correct, [r["draw_kind"] for r in records], ["<image>"] * len(records), prompts, prompts)
+  kinds = [r["draw_kind"] for r in records]
+  out = _summary(correct, kinds, ["<image>"] * len(records), prompts, prompts)
+  out["attributes"] = _attribute_means(attributes)
+  for kind, sub in out["by_kind"].items():
+    sub["attributes"] = _attribute_means([a for a, k in zip(attributes, kinds) if k == kind])
   if clip is not None:
     out["clip_score"] = 100.0 * float(np.mean(clip_scores))
   for e in out["examples"]:
     del e["answer"], e["reference"]
   return out, np.stack(kept)
+
+
+def _attribute_means(scores: Sequence[dict[str, float]]) -> dict[str, float]:
+  """Mean of each `draw_attribute_scores` attribute over the images that score it (position: "describe" prompts only),
+  and `mean`: the mean over images of their attribute average (the `t2i_attributes` reward)."""
+  names = sorted({n for s in scores for n in s})
+  out = {n: float(np.mean([s[n] for s in scores if n in s])) for n in names}
+  out["mean"] = float(np.mean([np.mean(list(s.values())) for s in scores])) if scores else 0.0
+  return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -280,6 +294,9 @@ def format_table(result: dict) -> str:
     rows.append(f"| {task} | all | {res['accuracy']:.3f} | {res['count']} |")
     for kind, sub in res["by_kind"].items():
       rows.append(f"| {task} | {kind} | {sub['accuracy']:.3f} | {sub['count']} |")
+    if "attributes" in res:
+      parts = ", ".join(f"{n} {v:.3f}" for n, v in res["attributes"].items() if n != "mean")
+      rows.append(f"| {task} | attribute score ({parts}) | {res['attributes']['mean']:.3f} | {res['count']} |")
     if "format" in res:
       rows.append(f"| {task} | `<think>` format | {res['format']:.3f} | {res['count']} |")
     if "clip_score" in res:
