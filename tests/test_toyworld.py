@@ -136,8 +136,21 @@ def test_draw_attribute_scores_follow_the_prompt():
   assert ck.attribute_scores(image, objs)["position"] == 0  # the scene-based score would have paid for the layout
   recolour = tw.render([tw.Obj(o.shape, (o.colour + 1) % 6, o.cell) for o in objs], 64, 3, rng)
   assert ck.draw_attribute_scores(recolour, r) == dict(count=1.0, colour=0.0, shape=1.0)
-  extra = tw.render(objs + [tw.Obj(objs[0].shape, objs[0].colour, next(iter(set(range(9)) - taken)))], 64, 3, rng)
-  assert ck.draw_attribute_scores(extra, r) == dict(count=0.0, colour=1.0, shape=1.0)  # n of n asked, one too many
+  free = sorted(set(range(9)) - taken)
+  extra = tw.render(objs + [tw.Obj(objs[0].shape, objs[0].colour, free[0])], 64, 3, rng)
+  n = len(objs)
+  assert ck.draw_attribute_scores(extra, r) == dict(count=0.0, colour=n / (n + 1), shape=n / (n + 1))  # extras cost
+  # ... and drawing more is no better than drawing fewer: n + 2 objects score below n - 1 objects (n >= 2 here)
+  more = tw.render(objs + [tw.Obj(objs[0].shape, objs[0].colour, c) for c in free[:2]], 64, 3, rng)
+  fewer = tw.render(objs[:-1], 64, 3, rng)
+  assert n >= 2 and np.mean(list(ck.draw_attribute_scores(more, r).values())) < np.mean(
+      list(ck.draw_attribute_scores(fewer, r).values()))
+  d = next(WORLD.example("test", i) for i in range(100) if WORLD.example("test", i, False)["draw_kind"] == "describe")
+  dobjs = tw.objects_of(d)
+  spare = next(c for c in range(9) if c not in {o.cell for o in dobjs})
+  scene = ck.attribute_scores(tw.render(dobjs + [tw.Obj(0, 0, spare)], 64, 3, rng), dobjs)
+  m = len(dobjs)
+  assert scene == dict(count=0.0, position=m / (m + 1), colour=m / (m + 1), shape=m / (m + 1))
   # Over test records and probe images (truth, another record's image, a blank): all 1 <=> the checker passes.
   for i in range(120):
     rec = WORLD.example("test", i)

@@ -135,15 +135,17 @@ def check_draw(image: np.ndarray, record: dict[str, Any]) -> bool:
 def attribute_scores(image: np.ndarray, objects: list[tw.Obj], grid: int = 3) -> dict[str, float]:
   """Per-attribute agreement of the detections with the true objects (each in [0, 1]).
 
-  `count`: number of detections equals number of objects. `position`: fraction of true cells with a detection.
-  `colour` / `shape`: among true objects whose cell has exactly one detection, fraction with the right colour / shape.
+  `count`: number of detections equals number of objects. `position`: true cells with a detection. `colour` / `shape`:
+  true objects whose cell has exactly one detection, of the right colour / shape. Each of the last three is divided
+  by the larger of the number of objects and the number of detections, so that extra objects cost: otherwise drawing
+  more than asked is never worse than drawing too few (found under UniGRPO on ToyWorld: the policy learnt to overdraw).
   """
   found = detect(image, grid)
   by_cell = {}
   for d in found:
     by_cell.setdefault(d.cell, []).append(d)
   matched = [(o, by_cell[o.cell][0]) for o in objects if len(by_cell.get(o.cell, [])) == 1]
-  n = max(len(objects), 1)
+  n = max(len(objects), len(found), 1)
   return dict(count=float(len(found) == len(objects)), position=sum(o.cell in by_cell for o in objects) / n,
               colour=sum(o.colour == d.colour for o, d in matched) / n,
               shape=sum(o.shape == d.shape for o, d in matched) / n)
@@ -153,11 +155,12 @@ def count_attribute_scores(image: np.ndarray, count: int, colour: int, shape: in
   """Per-attribute agreement with a "count" / "reason" prompt (`count` objects of one colour and shape, anywhere).
 
   `count`: number of detections equals `count`. `colour` / `shape`: detections of the asked colour / shape, at most
-  `count` of them, over `count`. Positions are not scored: the prompt does not name them. All three are 1 exactly when
+  `count` of them, over the larger of `count` and the number of detections (extra objects cost, as in
+  `attribute_scores`). Positions are not scored: the prompt does not name them. All three are 1 exactly when
   `check_count` passes.
   """
   found = detect(image, grid)
-  n = max(count, 1)
+  n = max(count, len(found), 1)
   return dict(count=float(len(found) == count), colour=min(sum(d.colour == colour for d in found), count) / n,
               shape=min(sum(d.shape == shape for d in found), count) / n)
 

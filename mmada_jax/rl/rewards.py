@@ -18,7 +18,8 @@ Components (`REWARDS`; `rl.rewards` / `rl.reward_weights` pick them, paper weigh
   t2i_checker              ToyWorld `check_draw` on the decoded image: the programmatic image checker (1 or 0)
   t2i_attributes           mean per-attribute agreement of the decoded image with its prompt (count, position, colour,
                            shape of a described scene; count, colour, shape for "count" / "reason" prompts, whose
-                           positions are free): partial credit, 1 exactly when the checker passes
+                           positions are free): partial credit, 1 exactly when the checker passes; objects beyond
+                           those asked lower it (without that, UniGRPO learnt to overdraw)
   clip / image_reward      hooks for CLIP score / ImageReward with local weights (`rl.clip_model_dir`,
                            `rl.image_reward_dir`); a clear `RewardError` when the weights or the packages are absent
 
