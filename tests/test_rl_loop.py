@@ -75,7 +75,7 @@ def test_two_steps_checkpoint_resume_and_init_from(tmp_path, capsys):
 
 def test_sampled_evaluation(tmp_path):
   """`rl.eval_samples` = k adds eval_sampled_* scores: each held-out prompt answered k times at the rollout
-  temperature (distinct draws); at temperature 0 they are the greedy answers; t2i and k = 0 add nothing."""
+  temperature (distinct draws); at temperature 0 they are the greedy answers; k = 0 adds nothing."""
   over = {**SMALL, "rl.eval_prompts": "3", "rl.eval_samples": "2"}
   for temperature in ("1.0", "0.0"):
     run = loop.setup(config_lib.load_config(f"{RL}:text", {**over, "rl.temperature": temperature}),
@@ -84,6 +84,7 @@ def test_sampled_evaluation(tmp_path):
     run.rewards = lambda samples: (seen.append([(s["id"], s["response"]) for s in samples]), real(samples))[1]
     scores = loop.evaluate(run, 3)
     names = {"correctness", "format", "total", "accuracy"}
+    names.add("accuracy_se")
     assert set(scores) == {f"eval_{n}" for n in names} | {f"eval_sampled_{n}" for n in names}, sorted(scores)
     assert all(np.isfinite(v) for v in scores.values())
     assert len(seen) == 2 and all(len(batch) == 8 for batch in seen)  # one rollout batch each (static shape)
@@ -134,7 +135,10 @@ def test_t2i_task(tmp_path):
     assert abs(r["ratio_first_iter"] - 1) < 1e-5
     assert r["response_len"] == 64 and r["truncated_frac"] == 0
   assert [r["step"] for r in rows if "eval_t2i_checker" in r] == [0, 2]
-  assert not any(k.startswith("eval_sampled") for r in rows for k in r)  # the image eval is sampled already
+  evals = [r for r in rows if "eval_t2i_checker" in r]
+  for r in evals:  # rl.eval_samples = 2: two more images per held-out prompt, other keys
+    for k in ("eval_sampled_t2i_checker", "eval_sampled_accuracy", "eval_accuracy_se", "eval_sampled_accuracy_se"):
+      assert np.isfinite(r[k]) and (r[k] >= 0), k
   dumps = [json.loads(line) for line in open(os.path.join(work, "samples.jsonl"))]
   assert len(dumps) == 4 and {"prompt", "t2i_checker", "t2i_attributes", "advantage"} <= set(dumps[0])
   assert os.path.exists(os.path.join(work, "samples", "rl_step_2.png"))
@@ -197,3 +201,15 @@ def test_oversampled_step_trains_on_groups_with_signal(tmp_path):
   assert metrics["zero_std_frac"] == 0.5 and metrics["kept_zero_std_frac"] == 0.0
   assert run.prompts.get_state() == {"position": 2 * q}
   assert np.isfinite(metrics["loss"]) and metrics["optimizer_step"] == 2
+
+
+def test_evaluation_summary_standard_error():
+  """eval_* are means over every answer; the accuracy's standard error is taken over the prompts, each the mean of
+  its k consecutive answers."""
+  scores = {"accuracy": [1.0, 0.0, 1.0, 1.0, 0.0, 0.0], "total": [2.0, 0.0, 2.0, 2.0, 0.0, 0.0]}
+  one = loop._summary(scores, "eval", 1)
+  assert one["eval_accuracy"] == 0.5 and one["eval_total"] == 1.0
+  np.testing.assert_allclose(one["eval_accuracy_se"], np.std([1, 0, 1, 1, 0, 0], ddof=1) / np.sqrt(6))
+  three = loop._summary(scores, "eval_sampled", 3)  # two prompts: means 2/3 and 1/3
+  np.testing.assert_allclose(three["eval_sampled_accuracy_se"], np.std([2 / 3, 1 / 3], ddof=1) / np.sqrt(2))
+  assert loop._summary({"accuracy": [1.0]}, "eval", 1)["eval_accuracy_se"] == 0.0

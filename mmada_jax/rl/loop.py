@@ -406,22 +406,33 @@ def _step_metrics(per_iter: list[dict], scores: dict, adv: dict, roll: dict, nam
 
 def evaluate(run: RLRun, count: int) -> dict:
   """Held-out rewards and accuracy on the first `count` test prompts (batches of the rollout size): greedy text
-  answers; t2i images drawn with a fixed key. Text with `rl.eval_samples` = k > 0 also scores k answers per prompt
-  sampled like the rollouts (temperature `rl.temperature`, fixed keys) as `eval_sampled_*`: the policy that RL
-  optimises, whose accuracy a greedy evaluation of an already-confident model hides."""
+  answers; t2i images drawn with a fixed key. With `rl.eval_samples` = k > 0 each prompt is also answered k more times
+  with other fixed keys, as `eval_sampled_*`: text sampled like the rollouts (temperature `rl.temperature`), the
+  policy that RL optimises, whose accuracy a greedy evaluation of an already-confident model hides; t2i k more images
+  per prompt, which shrinks the sampling noise of one image each. `eval_accuracy_se` / `eval_sampled_accuracy_se`:
+  the standard error of the accuracy over the prompts (per-prompt means of the k answers for the sampled one)."""
   held = ToyWorldPrompts(run.config, run.tokenizer, split="test")
   records = [held.record(i) for i in range(count)]
-  out = {f"eval_{k}": v for k, v in _scores(run, records, greedy=True, tag=EVAL_TAG).items()}
+  out = _summary(_scores(run, records, greedy=True, tag=EVAL_TAG), "eval", 1)
   k = int(run.config.rl.eval_samples)
-  if k and run.config.rl.task != "t2i":
+  if k:
     repeated = [r for r in records for _ in range(k)]
-    sampled = _scores(run, repeated, greedy=False, tag=SAMPLED_EVAL_TAG)
-    out.update({f"eval_sampled_{name}": v for name, v in sampled.items()})
+    out.update(_summary(_scores(run, repeated, greedy=False, tag=SAMPLED_EVAL_TAG), "eval_sampled", k))
+  return out
+
+
+def _summary(scores: dict, prefix: str, k: int) -> dict:
+  """Means of per-record scores (k consecutive records per prompt) and the standard error of the accuracy over the
+  prompts."""
+  out = {f"{prefix}_{name}": float(np.mean(v)) for name, v in scores.items()}
+  per_prompt = np.asarray(scores["accuracy"], np.float64).reshape(-1, k).mean(axis=1)
+  out[f"{prefix}_accuracy_se"] = float(np.std(per_prompt, ddof=1) / np.sqrt(len(per_prompt))) if len(
+      per_prompt) > 1 else 0.0
   return out
 
 
 def _scores(run: RLRun, records: list[dict], greedy: bool, tag: int) -> dict:
-  """Mean of each reward component (and accuracy) over `records`, rolled out in batches of the rollout size."""
+  """Each reward component (and accuracy) per record of `records`, rolled out in batches of the rollout size."""
   b = int(run.config.rl.prompts_per_step) * int(run.config.rl.group_size)
   scores: dict[str, list] = {}
   for start in range(0, len(records), b):
@@ -432,7 +443,7 @@ def _scores(run: RLRun, records: list[dict], greedy: bool, tag: int) -> dict:
     out = run.rewards(rollout(run, chunk, key, greedy=greedy)["samples"])
     for name, v in out.items():
       scores.setdefault(name, []).extend(v[:n].tolist())
-  return {name: float(np.mean(v)) for name, v in scores.items()}
+  return scores
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -479,7 +490,7 @@ def train(run: RLRun, log: Callable[[str], None] = print, progress: bool = True)
     with open(os.path.join(run.workdir, "config.json"), "w") as f:
       json.dump(train_loop.config_json(config), f, indent=2)
     if int(r.eval_prompts) > 0:
-      writer.write(0, evaluate(run, int(r.eval_prompts)))
+      writer.write(0, _evaluate_and_log(run, 0, log))
   bar = metrics_io.progress(total, run.rl_step, enabled=progress)
   last: dict = {}
   try:
@@ -503,6 +514,16 @@ def train(run: RLRun, log: Callable[[str], None] = print, progress: bool = True)
   return last
 
 
+def _evaluate_and_log(run: RLRun, step: int, log) -> dict:
+  t0 = time.perf_counter()
+  scores = evaluate(run, int(run.config.rl.eval_prompts))
+  parts = [f"{name} {scores[f'{prefix}_accuracy']:.4f} ± {scores[f'{prefix}_accuracy_se']:.4f}"
+           for prefix, name in (("eval", "accuracy"), ("eval_sampled", "sampled")) if f"{prefix}_accuracy" in scores]
+  log(f"held-out evaluation at RL step {step} ({run.config.rl.eval_prompts} prompts, {time.perf_counter() - t0:.0f} s): "
+      + ", ".join(parts))
+  return scores
+
+
 def _one_step(run: RLRun, writer, bar, log) -> tuple[dict, bool]:
   """One RL step with its metric row, sample dump, evaluation and checkpoint (all written before the next step).
   Returns (metrics, whether a checkpoint was saved)."""
@@ -518,7 +539,7 @@ def _one_step(run: RLRun, writer, bar, log) -> tuple[dict, bool]:
     _dump(run.workdir, step, dumps)
   every = int(r.eval_every)
   if int(r.eval_prompts) > 0 and ((every and step % every == 0) or step == total):
-    scores = evaluate(run, int(r.eval_prompts))
+    scores = _evaluate_and_log(run, step, log)
     writer.write(step, scores)
     metrics = dict(metrics, **scores)
   saved = step % int(config.checkpoint.save_every_steps) == 0 or step == total
