@@ -83,8 +83,7 @@ def test_sampled_evaluation(tmp_path):
     seen, real = [], run.rewards
     run.rewards = lambda samples: (seen.append([(s["id"], s["response"]) for s in samples]), real(samples))[1]
     scores = loop.evaluate(run, 3)
-    names = {"correctness", "format", "total", "accuracy"}
-    names.add("accuracy_se")
+    names = {"correctness", "format", "total", "accuracy", "accuracy_se"}
     assert set(scores) == {f"eval_{n}" for n in names} | {f"eval_sampled_{n}" for n in names}, sorted(scores)
     assert all(np.isfinite(v) for v in scores.values())
     assert len(seen) == 2 and all(len(batch) == 8 for batch in seen)  # one rollout batch each (static shape)
@@ -134,11 +133,11 @@ def test_t2i_task(tmp_path):
       assert np.isfinite(r[k]), k
     assert abs(r["ratio_first_iter"] - 1) < 1e-5
     assert r["response_len"] == 64 and r["truncated_frac"] == 0
-  assert [r["step"] for r in rows if "eval_t2i_checker" in r] == [0, 2]
   evals = [r for r in rows if "eval_t2i_checker" in r]
+  assert [r["step"] for r in evals] == [0, 2]
   for r in evals:  # rl.eval_samples = 2: two more images per held-out prompt, other keys
     for k in ("eval_sampled_t2i_checker", "eval_sampled_accuracy", "eval_accuracy_se", "eval_sampled_accuracy_se"):
-      assert np.isfinite(r[k]) and (r[k] >= 0), k
+      assert np.isfinite(r[k]) and r[k] >= 0, k
   dumps = [json.loads(line) for line in open(os.path.join(work, "samples.jsonl"))]
   assert len(dumps) == 4 and {"prompt", "t2i_checker", "t2i_attributes", "advantage"} <= set(dumps[0])
   assert os.path.exists(os.path.join(work, "samples", "rl_step_2.png"))
