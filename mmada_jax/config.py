@@ -354,6 +354,7 @@ def rl_section() -> ConfigDict:
   r.image_reward_dir = ""  # local weights of the ImageReward reward (required by the "image_reward" component)
   r.eval_prompts = 0  # held-out (test split) prompts scored greedily at the start, every eval_every steps, the end
   r.eval_every = 0  # RL steps between held-out evaluations (0 = start and end only)
+  r.eval_at_start = True  # evaluate the starting policy too (False: runs that share an already evaluated start model)
   r.eval_samples = 0  # also score this many more answers per held-out prompt, other fixed keys, as eval_sampled_*:
   #                   text sampled like the rollouts (rl.temperature), t2i more images (0 = greedy text / one image)
   r.log_every = 1  # RL steps between metric lines

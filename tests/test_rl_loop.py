@@ -118,7 +118,7 @@ def test_t2i_task(tmp_path):
 
   image = {k: v for k, v in IMAGE.items() if k.startswith(("magvit.", "vocab.", "data.toyworld"))}
   over = {**SMALL, **image, "sampling.image.timesteps": "2", "rl.eval_prompts": "4", "rl.eval_samples": "2",
-          "data.image_tokenizer": str(tmp_path / "magvit")}
+          "rl.eval_at_start": "false", "data.image_tokenizer": str(tmp_path / "magvit")}
   config = config_lib.load_config(f"{RL}:t2i", over)
   cfg = magvit.MagvitConfig.from_config(config.magvit)
   magvit_train.save_trained_params(str(tmp_path / "magvit"), magvit.init_params(cfg, 0), cfg, 0)
@@ -134,7 +134,7 @@ def test_t2i_task(tmp_path):
     assert abs(r["ratio_first_iter"] - 1) < 1e-5
     assert r["response_len"] == 64 and r["truncated_frac"] == 0
   evals = [r for r in rows if "eval_t2i_checker" in r]
-  assert [r["step"] for r in evals] == [0, 2]
+  assert [r["step"] for r in evals] == [2]  # rl.eval_at_start = false: the end only
   for r in evals:  # rl.eval_samples = 2: two more images per held-out prompt, other keys
     for k in ("eval_sampled_t2i_checker", "eval_sampled_accuracy", "eval_accuracy_se", "eval_sampled_accuracy_se"):
       assert np.isfinite(r[k]) and r[k] >= 0, k

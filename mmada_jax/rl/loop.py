@@ -489,7 +489,7 @@ def train(run: RLRun, log: Callable[[str], None] = print, progress: bool = True)
   if run.rl_step == 0:
     with open(os.path.join(run.workdir, "config.json"), "w") as f:
       json.dump(train_loop.config_json(config), f, indent=2)
-    if int(r.eval_prompts) > 0:
+    if int(r.eval_prompts) > 0 and r.eval_at_start:
       writer.write(0, _evaluate_and_log(run, 0, log))
   bar = metrics_io.progress(total, run.rl_step, enabled=progress)
   last: dict = {}
