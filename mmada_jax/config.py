@@ -338,6 +338,8 @@ def rl_section() -> ConfigDict:
   r.filter_zero_std = False  # give rows of zero-std groups weight 0
   r.oversample = 1  # F > 1: roll out F * prompts_per_step prompts and train on the prompts_per_step groups whose
   #                  rewards differ (dynamic sampling, as DAPO; zero-std groups only fill what is left). 1 = the paper
+  r.oversample_by = "total"  # what must differ within a kept group: "total" reward, "accuracy" (DAPO's filter: the
+  #                           correctness / checker component) or one reward component named in rl.rewards
   r.logratio_clamp = 0.0  # > 0: log-ratio clipped to [-c, c] before exp
   r.logp_mode = "fold"  # how several masks are evaluated: "fold" (one pass), "vmap" or "map" (rl/objective.py)
   r.micro_batches = 1  # gradient accumulation over row slices inside the policy step
@@ -645,6 +647,9 @@ def _validate_rl(config: ConfigDict, errors: list[str]) -> None:
     _require(isinstance(r[key], int) and r[key] >= 1, f"rl.{key}", f"must be an integer >= 1, got {r[key]!r}", errors)
   for key in ("seed", "eval_prompts", "eval_every", "eval_samples", "dump_every"):
     _require(isinstance(r[key], int) and r[key] >= 0, f"rl.{key}", f"must be an integer >= 0, got {r[key]!r}", errors)
+  by_choices = ("total", "accuracy", *tuple(r.rewards))
+  _require(r.oversample_by in by_choices, "rl.oversample_by", f"must be one of {by_choices}, got {r.oversample_by!r}",
+           errors)
   rows = r.prompts_per_step * r.group_size
   _require(rows % max(r.micro_batches, 1) == 0, "rl.micro_batches",
            f"rl.prompts_per_step * rl.group_size = {rows} rows cannot be split into {r.micro_batches} micro-batches",

@@ -45,6 +45,8 @@ CASES = {  # name: (config file, overrides, entry, error type, fragments the mes
                              ["rl.block_length", "rl.gen_length=20"]),
     "rl_oversample": (RL, {"rl.oversample": "0"}, "load", config_lib.ConfigError,
                       ["rl.oversample: must be an integer >= 1, got 0"]),
+    "rl_oversample_by": (RL, {"rl.oversample_by": "checker"}, "load", config_lib.ConfigError,
+                         ["rl.oversample_by: must be one of", "'accuracy', 'correctness'", "got 'checker'"]),
     "sampler_blocks": (TINY, {"sampling.text.gen_length": "100", "sampling.text.block_length": "32"}, "load",
                        config_lib.ConfigError, ["sampling.text.block_length"]),
     "eval_text_blocks": (TINY, {"sampling.eval_text.gen_length": "24", "sampling.eval_text.steps": "-1"}, "load",

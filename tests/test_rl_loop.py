@@ -202,6 +202,33 @@ def test_oversampled_step_trains_on_groups_with_signal(tmp_path):
   assert np.isfinite(metrics["loss"]) and metrics["optimizer_step"] == 2
 
 
+@pytest.mark.parametrize("by", ["total", "accuracy"])
+def test_oversample_by_accuracy(tmp_path, by):
+  """`rl.oversample_by=accuracy` (DAPO's filter): every group's totals differ (as partial attribute scores make them in
+  t2i), but only the groups whose accuracy differs are kept; with "total" the first Q groups in draw order are."""
+  q, g = 2, 4
+  over = {**SMALL, "rl.eval_prompts": "0", "rl.oversample": "2", "rl.oversample_by": by, "rl.dump_count": str(q * g)}
+  run = loop.setup(config_lib.load_config(f"{RL}:text", over), str(tmp_path / by), log=lambda s: None)
+  drawn = [r["id"] for r in loop.ToyWorldPrompts(run.config, run.tokenizer).next(2 * q)]
+  signal = set(drawn[1::2])
+
+  class Rewards:
+    names, real = run.rewards.names, run.rewards
+
+    def __call__(self, samples):
+      out = self.real(samples)
+      out["total"] = np.arange(len(samples), dtype=np.float32) % 3
+      out["accuracy"] = np.array([float(i % 2) if s["id"] in signal else 0.0 for i, s in enumerate(samples)],
+                                 np.float32)
+      return out
+
+  run.rewards = Rewards()
+  metrics, dumps = loop.rl_step(run, log=lambda s: None)
+  kept = drawn[:q] if by == "total" else [i for i in drawn if i in signal]
+  assert [d["id"] for d in dumps] == [i for i in kept for _ in range(g)]
+  assert metrics["kept_zero_std_frac"] == 0.0 and metrics["kept_by_spread_frac"] == 1.0
+
+
 def test_evaluation_summary_standard_error():
   """eval_* are means over every answer; the accuracy's standard error is taken over the prompts, each the mean of
   its k consecutive answers."""

@@ -338,9 +338,11 @@ def rl_step(run: RLRun, log: Callable[[str], None] = print) -> tuple[dict, list[
   """Rollout → rewards → precompute → μ policy steps. Returns (metrics, dumped samples with their rewards).
 
   With `rl.oversample` = F > 1 (dynamic sampling, as DAPO): F·Q prompts are rolled out (F batches of the usual shape)
-  and the Q groups trained on are those whose rewards differ (`select_groups`), so fewer rows carry no signal. The
-  reward / accuracy metrics cover every rollout (the policy on fresh prompts); `kept_zero_std_frac` is the share of
-  trained groups that still carry none.
+  and the Q groups trained on are those whose rewards differ (`select_groups`), so fewer rows carry no signal; which
+  rewards must differ is `rl.oversample_by` (the total, or the accuracy alone as DAPO, where a group whose images
+  differ only in partial attribute scores is not enough). The reward / accuracy metrics cover every rollout (the
+  policy on fresh prompts); `kept_zero_std_frac` is the share of trained groups whose total rewards carry none, and
+  `kept_by_spread_frac` the share with a spread in `rl.oversample_by`.
   """
   r = run.config.rl
   q, g, mu, f = int(r.prompts_per_step), int(r.group_size), int(r.inner_steps), int(r.oversample)
@@ -361,7 +363,10 @@ def rl_step(run: RLRun, log: Callable[[str], None] = print) -> tuple[dict, list[
   if f == 1:
     roll, scores, adv = roll_all, scores_all, adv_all
   else:
-    groups = select_groups(adv_all["zero_std"], q)
+    by = str(r.oversample_by)
+    no_spread = (adv_all["zero_std"] if by == "total" else
+                 obj.group_advantages(scores_all[by], g, eps=float(r.adv_eps))["zero_std"])
+    groups = select_groups(no_spread, q)
     rows = (groups[:, None] * g + np.arange(g)[None]).reshape(-1)
     roll, scores = _take_rows(roll_all, rows), _take_rows(scores_all, rows)
     adv = dict(adv=adv_all["adv"][rows], row_weight=adv_all["row_weight"][rows], zero_std=adv_all["zero_std"][groups])
@@ -383,6 +388,7 @@ def rl_step(run: RLRun, log: Callable[[str], None] = print) -> tuple[dict, list[
   metrics.update(booked, adv_abs=float(np.mean(np.abs(adv["adv"]))))
   if f > 1:
     metrics["kept_zero_std_frac"] = float(np.mean(adv["zero_std"]))
+    metrics["kept_by_spread_frac"] = float(np.mean(~no_spread[groups]))
   metrics.update(rollout_s=t1 - t0, update_s=t2 - t1, optimizer_step=float(jax.device_get(run.state.step)))
   dumps = [dict({k: v for k, v in s.items() if k != "record"}, **{k: float(v[i]) for k, v in scores.items()},
                 advantage=float(adv["adv"][i]))
