@@ -137,3 +137,32 @@ def test_cudnn_attention_needs_low_precision():
     config_lib.load_config(TINY, {"model.attention_impl": "cudnn"})
   with pytest.raises(config_lib.ConfigError, match="model.attention_impl"):
     config_lib.load_config(TINY, {"model.attention_impl": "flash"})
+
+
+@pytest.mark.parametrize("n", [7, 128, 1000, 1024])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_argmax_last_matches_argmax(n, dtype):
+  from mmada_jax.models import layers
+
+  x = np.array(jax.random.normal(jax.random.key(n), (3, 5, n), jnp.float32))
+  x = np.round(x * 4) / 4  # many ties, inside and across chunks
+  x[0, 1] = 1.0  # every entry tied: the first index wins
+  x[0, 2] = -np.inf  # all -inf
+  x[1, 0, n // 2] = np.nan  # a NaN counts as the maximum, the first NaN wins
+  x[1, 0, n - 1] = np.nan
+  x[1, 1, n - 1] = np.inf
+  x[2, 3, :] = np.finfo(np.float32).min
+  x = jnp.asarray(x, dtype)
+  clean = x.at[1, 0].set(0.0)  # no NaN anywhere: the chunked path for n = 1024
+  for a in (clean, x):
+    got = jax.jit(layers.argmax_last)(a)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.argmax(a, axis=-1)))
+  assert int(got[1, 0]) == n // 2 and int(got[1, 1]) == n - 1
+
+
+def test_argmax_last_rejects_integers():
+  from mmada_jax.models import layers
+
+  with pytest.raises(TypeError, match="floating"):
+    layers.argmax_last(jnp.arange(300))

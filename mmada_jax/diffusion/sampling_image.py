@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmada_jax.models import llada
+from mmada_jax.models import layers, llada
 
 Array = jax.Array
 SCHEDULES = ("cosine", "linear")
@@ -172,7 +172,7 @@ def _step(k: Array, state: dict, ctx: dict, layout: _Layout, settings: ImageSamp
     noise_sample, noise_mask = ctx["noise"]["sample"][k], ctx["noise"]["mask"][k]
   if settings.sample_temperature != 1.0:  # static: the official draw (τ = 1) keeps its exact arithmetic
     noise_sample = noise_sample * jnp.float32(settings.sample_temperature)
-  sampled = jnp.argmax(jnp.log(probs) + noise_sample, axis=-1).astype(jnp.int32)
+  sampled = layers.argmax_last(jnp.log(probs) + noise_sample)
   unknown = codes == layout.mask_id
   sampled = jnp.where(unknown, sampled, codes)
   selected = jnp.take_along_axis(probs, sampled[..., None], axis=-1)[..., 0]

@@ -161,7 +161,7 @@ def propose(logits: Array, key: Array, settings: TextSampling) -> tuple[Array, A
   scores = logits
   if settings.temperature > 0:
     scores = logits + jnp.float32(settings.temperature) * jax.random.gumbel(k_gumbel, logits.shape, jnp.float32)
-  x0 = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+  x0 = layers.argmax_last(scores)
   if settings.remasking == "random":
     return x0, jax.random.uniform(k_conf, x0.shape, jnp.float32)
   chosen = jnp.take_along_axis(logits, x0[..., None], axis=-1)[..., 0]
