@@ -159,8 +159,10 @@ def test_stacked_matmul_equals_separate_matmuls():
   assert q.shape == (2, 5, 4, 16) and k.shape == v.shape == (2, 5, 2, 16)
 
 
-def test_compute_params_cast_once_is_exact():
-  """bf16 compute: casting the fp32 weights once before the sampler loop gives the tokens of casting at every use."""
+@pytest.mark.parametrize("scan", [True, False])
+def test_compute_params_cast_and_stack_once_is_exact(scan):
+  """Inference loops prepare the weights once (cast to bf16, q/k/v and gate/up stacked): the same logits and tokens as
+  casting and stacking at every use, in both layer layouts, exact and cached decoding."""
   import dataclasses
 
   import jax
@@ -170,21 +172,42 @@ def test_compute_params_cast_once_is_exact():
   from mmada_jax.diffusion import sampling_text as st
   from mmada_jax.models import llada
 
-  config = config_lib.load_config(TINY)
+  config = config_lib.load_config(TINY, {"model.scan_layers": str(scan)})
   model = llada.build_model(config.model)
   bf16 = llada.Transformer(dataclasses.replace(model.args, dtype=jnp.bfloat16))
   params = llada.init_params(model, jax.random.key(0))
-  cast = llada.compute_params(params, bf16.args)
-  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(cast))
-  assert llada.compute_params(params, model.args) is params
-  ids = jnp.asarray(np.random.default_rng(1).integers(0, 228, (2, 6)))
-  plain = bf16.apply({"params": params}, ids)
-  once = bf16.apply({"params": cast}, ids)
-  np.testing.assert_array_equal(np.asarray(plain), np.asarray(once))
-  settings = st.TextSampling(gen_length=8, block_length=4, steps=4)
-  a = st.generate(bf16, params, ids, mask_id=230, settings=settings)["tokens"]
-  b = st.generate(bf16, cast, ids, mask_id=230, settings=settings)["tokens"]
-  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for m in (model, bf16):
+    prepared = llada.compute_params(params, m.args)
+    assert all(x.dtype == m.args.dtype for x in jax.tree.leaves(prepared))
+    attn = prepared["blocks"]["attn"] if scan else prepared["blocks_1"]["attn"]
+    mlp = prepared["blocks"]["mlp"] if scan else prepared["blocks_1"]["mlp"]
+    assert set(attn) == {"qkv_stacked", "attn_out"} and set(mlp) == {"gate_up_stacked", "ff_out"}
+    assert attn["qkv_stacked"].shape == (2,) * scan + (64, 3, 4, 16)
+    assert mlp["gate_up_stacked"].shape == (2,) * scan + (64, 2, 192)
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 228, (2, 6)))
+    plain = m.apply({"params": params}, ids)
+    once = m.apply({"params": prepared}, ids)
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(once))
+    for cached in (False, True):
+      settings = st.TextSampling(gen_length=8, block_length=4, steps=4, dual_cache=cached)
+      a = st.generate(m, params, ids, mask_id=230, settings=settings)["tokens"]
+      b = st.generate(m, prepared, ids, mask_id=230, settings=settings)["tokens"]
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    eager = jax.jit(lambda p: st.cached_forward(m, p, ids, None)[0])  # the sampler's own layer on both trees
+    np.testing.assert_array_equal(np.asarray(eager(params)), np.asarray(eager(prepared)))
+
+
+def test_stack_kernels_keeps_grouped_query_kernels():
+  """k/v kernels with fewer heads than q are not stacked (three matmuls, as in training)."""
+  import jax
+
+  from mmada_jax import config as config_lib
+  from mmada_jax.models import layers, llada
+
+  config = config_lib.load_config(TINY, {"model.num_kv_heads": "2"})
+  params = llada.init_params(llada.build_model(config.model), jax.random.key(0))
+  attn = layers.stack_kernels(params)["blocks"]["attn"]
+  assert {"q_proj", "k_proj", "v_proj"} <= set(attn) and "qkv_stacked" not in attn
 
 
 def test_single_head_chunk_equals_chunked_head():

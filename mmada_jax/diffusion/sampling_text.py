@@ -239,7 +239,10 @@ def _layer(lp: Any, x: Array, positions: Array, cache: tuple | None, bias: Array
   sin, cos = layers.rope_tables(positions, args.head_dim, args.rope_theta)
   h = _rms(x, lp["attn_norm"]["scale"], args.norm_eps)
   a = lp["attn"]
-  q, k, v = layers.qkv_projections(h, [a[n]["kernel"] for n in ("q_proj", "k_proj", "v_proj")], args)
+  if "qkv_stacked" in a:  # `llada.compute_params` stacked them
+    q, k, v = layers.stacked_matmul(layers.STACKED_KERNELS["attn"][2], h, a["qkv_stacked"], args)
+  else:
+    q, k, v = layers.qkv_projections(h, [a[n]["kernel"] for n in ("q_proj", "k_proj", "v_proj")], args)
   q, k = layers.apply_rope(q, sin, cos), layers.apply_rope(k, sin, cos)
   k_all, v_all = k, v
   if cache is not None:
@@ -249,7 +252,8 @@ def _layer(lp: Any, x: Array, positions: Array, cache: tuple | None, bias: Array
   x = x + layers.matmul("blhk,hkd->bld", out, a["attn_out"]["kernel"], args)
   h = _rms(x, lp["ff_norm"]["scale"], args.norm_eps)
   m = lp["mlp"]
-  gate, up = layers.stacked_matmul("bld,df->blf", h, [m["ff_proj"]["kernel"], m["up_proj"]["kernel"]], args)
+  gate_up = m["gate_up_stacked"] if "gate_up_stacked" in m else [m["ff_proj"]["kernel"], m["up_proj"]["kernel"]]
+  gate, up = layers.stacked_matmul(layers.STACKED_KERNELS["mlp"][2], h, gate_up, args)
   x = x + layers.matmul("blf,fd->bld", jax.nn.silu(gate) * up, m["ff_out"]["kernel"], args)
   return x, k, v
 

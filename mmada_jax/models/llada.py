@@ -25,7 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmada_jax.models.layers import MLP, Array, Attention, ModelArgs, RMSNorm, attention_bias_from_mask, rope_tables
+from mmada_jax.models.layers import (MLP, Array, Attention, ModelArgs, RMSNorm, attention_bias_from_mask, rope_tables,
+                                     stack_kernels)
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -139,15 +140,16 @@ class Transformer(nn.Module):
 
 
 def compute_params(params: Any, args: ModelArgs) -> Any:
-  """The parameters cast to the compute dtype (`model.dtype`), for inference loops that call the model many times.
+  """The parameters prepared for inference loops that call the model many times (call it inside the jitted program,
+  outside the loop): cast to the compute dtype (`model.dtype`), and with the kernels that the layers multiply together
+  stacked once (`layers.stack_kernels`; the modules and `sampling_text.cached_forward` accept either tree).
 
   Exact: every use of a parameter casts it to the compute dtype first (matmul operands, RMSNorm scales, the embedding
   rows), so casting once up front gives the same numbers and saves re-reading fp32 master weights at every call.
-  A no-op when the parameters already are in that dtype.
   """
-  if jnp.dtype(args.param_dtype) == jnp.dtype(args.dtype):
-    return params
-  return jax.tree.map(lambda p: p.astype(args.dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+  if jnp.dtype(args.param_dtype) != jnp.dtype(args.dtype):
+    params = jax.tree.map(lambda p: p.astype(args.dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+  return stack_kernels(params)
 
 
 def build_model(model_config) -> Transformer:
