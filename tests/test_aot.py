@@ -65,6 +65,24 @@ def test_tiny_unigrpo_step_fits_on_v5e_4():
   assert reports[0]["resident_gib"] > 0 and reports[1]["resident_gib"] > reports[0]["resident_gib"]  # ref; Adam
 
 
+@needs_libtpu
+def test_estimate_extrapolates_the_cost_model_over_layers():
+  """`--estimate`: XLA's time of 1- and 2-layer unrolled copies, extrapolated to 4 scanned layers with 2
+  micro-batches, matches XLA's own time of the 4-layer unrolled one-micro-batch program."""
+  common = ("--config", TINY, "--topology", "v5e-4", "--config.model.num_layers=4", "--config.data.batch_size_t2i=8",
+            "--config.data.batch_size_lm=8", "--config.data.batch_size_mmu=8")
+  res = _compile(*common, "--config.train.micro_batches=2", "--estimate")
+  assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+  est = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")][-1]
+  assert est["program"] == "train step" and "XLA cost model extrapolated to 4 layers" in res.stdout
+  t1, t2 = est["cost_model_1_layer_s"], est["cost_model_2_layers_s"]
+  assert 0 < t1 < t2 and est["extrapolated_step_s"] == pytest.approx(t1 + 3 * (t2 - t1), rel=1e-3)
+  direct = _compile(*common, "--config.model.scan_layers=false")
+  rep = [json.loads(line) for line in direct.stdout.splitlines() if line.startswith("{")][0]
+  assert est["extrapolated_step_s"] == pytest.approx(rep["xla_estimated_step_s"], rel=0.05)
+  assert est["estimated_mfu"] == pytest.approx(rep["estimated_mfu"], rel=0.05)
+
+
 def test_rl_batch_must_split_over_the_batch_shards():
   from mmada_jax import config as config_lib
   from mmada_jax.parallel import mesh as mesh_lib, rules as rules_lib

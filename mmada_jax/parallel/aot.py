@@ -219,15 +219,53 @@ def compile_rl_step(config, devices: list) -> tuple[list[Program], dict]:
   return programs, {"mesh": dict(mesh.shape), "rows": full["tokens"].shape[0]}
 
 
+def cost_model_seconds(program: Program) -> float:
+  """XLA's estimated seconds for one call of the compiled program ("optimal_seconds"; 0 when it gives none)."""
+  cost = program.compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return float((cost or {}).get("optimal_seconds", 0.0))
+
+
+def extrapolated_estimate(config, devices: list, step: str, programs: list[Program], chip: Chip,
+                          log=print) -> list[dict]:
+  """XLA's step time for the configured depth, from two cheap compiles: XLA's cost model counts a loop body once, so
+  with scanned layers or micro-batches its figure for the real program is far too low. This compiles 1- and 2-layer
+  copies of the config with unrolled layers and one micro-batch (same widths, batch, mesh and sharding), takes the
+  difference as one layer's time and extrapolates: t(L) = t(1) + (L - 1) (t(2) - t(1)). The MFU divides the real
+  program's model FLOPs (`programs`, train/flops.py conventions) by t(L). One dict per program; programs whose small
+  copies still loop (the UniGRPO precompute over its inner steps) get no estimate.
+  """
+  compile_fn = compile_rl_step if step == "rl" else compile_train_step
+  layers = int(config.model.num_layers)
+  times = []
+  for n in (1, 2):
+    small = copy.deepcopy(config)
+    with small.unlocked():
+      small.model.num_layers, small.model.scan_layers = n, False
+      small.train.micro_batches, small.rl.micro_batches = 1, 1
+    log(f"cost-model estimate: compiling a {n}-layer unrolled copy with one micro-batch ...")
+    compiled, _ = compile_fn(small, devices)
+    times.append([None if p.looped else cost_model_seconds(p) for p in compiled])
+  out = []
+  for i, program in enumerate(programs):
+    t1, t2 = times[0][i], times[1][i]
+    if not t1 or not t2:
+      out.append({"program": program.name})
+      continue
+    seconds = t1 + (layers - 1) * (t2 - t1)
+    out.append({"program": program.name, "cost_model_1_layer_s": t1, "cost_model_2_layers_s": t2,
+                "extrapolated_step_s": seconds,
+                "estimated_mfu": program.model_flops / seconds / (chip.peak_tflops * 1e12 * len(devices))})
+  return out
+
+
 def report(program: Program, chip: Chip, n_devices: int) -> dict:
   """Per-chip memory against HBM, XLA's estimated step time and the implied MFU of one compiled program."""
   mem = program.compiled.memory_analysis()
   gib = 2.0 ** 30
   used = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
           + mem.generated_code_size_in_bytes + program.resident_bytes)
-  cost = program.compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  seconds = float(cost.get("optimal_seconds", 0.0))
+  seconds = cost_model_seconds(program)
   out = {
       "program": program.name, "arguments_gib": mem.argument_size_in_bytes / gib,
       "outputs_gib": mem.output_size_in_bytes / gib, "aliased_gib": mem.alias_size_in_bytes / gib,
