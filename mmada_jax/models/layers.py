@@ -320,7 +320,7 @@ class MLP(nn.Module):
       gate, up = stacked_matmul(STACKED_KERNELS["mlp"][2], x, self.get_variable("params", "gate_up_stacked"), a)
     else:
       kernel = lambda n: Kernel(a, (a.d_model, a.mlp_hidden), ("embed", "mlp"), name=n)()
-      gate, up = stacked_matmul("bld,df->blf", x, [kernel("ff_proj"), kernel("up_proj")], a)
+      gate, up = stacked_matmul(STACKED_KERNELS["mlp"][2], x, [kernel("ff_proj"), kernel("up_proj")], a)
     gate = checkpoint_name(gate, "mlp_gate")
     up = checkpoint_name(up, "mlp_up")
     h = nn.with_logical_constraint(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
