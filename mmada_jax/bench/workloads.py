@@ -240,8 +240,8 @@ def bench_text(config, batches: list[int], variants: list[str], args, log=print)
     calls, blocks = int(out["calls"]), int(out["blocks"])
     med = float(np.median(times[variant, b]))
     flops = generate_flops(config.model, settings, b, args.prompt_len, calls, blocks)
-    variant_peak = peak if "bf16" not in variant.split("+") else \
-        common.device_peak("bfloat16", float(config.train.peak_tflops))  # MFU against the variant's own dtype
+    variant_dtype = jnp.dtype(variant_model(model, variant).args.dtype).name  # MFU against the variant's own dtype
+    variant_peak = common.device_peak(variant_dtype, float(config.train.peak_tflops))
     res = _case(f"{variant}_b{b}", compiled, times[variant, b], variant_peak, flops, variant=variant, batch=b,
                 first_call_s=compiled.compile_s, model_calls=calls, tokens_per_s=b * args.gen_length / med,
                 calls_per_s=calls / med)
