@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
 
+from mmada_jax.data import sources
 from mmada_jax.models import image_io
 
 
@@ -95,3 +100,76 @@ def test_paths_and_modes_load_as_batches(tmp_path):
   batch = image_io.load_images([str(p), _columns(24, 12)], 8, "crop")
   assert batch.shape == (2, 8, 8, 3)
   np.testing.assert_array_equal(batch[0], batch[1])
+
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "image_transform_torchvision.npz")
+
+
+def _noise(width: int, height: int) -> np.ndarray:
+  """uint8 [height, width, 3] of seeded noise, the inputs the fixture was made from."""
+  return np.random.default_rng([width, height]).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _decoded_to_unit_range(pixels: np.ndarray) -> np.ndarray:
+  """uint8 [h, w, 3] -> float32 [-1, 1] with the same arithmetic as `image_io.preprocess`."""
+  return (pixels.astype(np.float32) / np.float32(255.0) - np.float32(0.5)) / np.float32(0.5)
+
+
+def _through_both_call_sites(width: int, height: int, res: int) -> np.ndarray:
+  """uint8 [res, res, 3] of `_noise(width, height)` from `sources.decode_image` (array and PNG bytes), after checking
+  that `image_io.preprocess` gives the same pixels."""
+  img = _noise(width, height)
+  decoded = sources.decode_image(img, f"{width}x{height}", res)
+  assert decoded.shape == (res, res, 3) and decoded.dtype == np.uint8, (width, height, res)
+  png = io.BytesIO()
+  Image.fromarray(img).save(png, "PNG")
+  np.testing.assert_array_equal(sources.decode_image(png.getvalue(), "png", res), decoded)
+  np.testing.assert_array_equal(image_io.preprocess(img, res, "crop"), _decoded_to_unit_range(decoded))
+  return decoded
+
+
+def test_resize_and_crop_match_torchvision_pixel_for_pixel():
+  """Against torchvision 0.24.1 (Pillow 13.0.0): `Resize(res, interpolation=BICUBIC, antialias=True)` then
+  `CenterCrop(res)` on `Image.fromarray(_noise(w, h))`. The fixture holds the uint8 [16, 16, 3] outputs of the small
+  (w, h, res) cases and the sha256 of the uint8 [res, res, 3] outputs of the large ones. Both call sites (training
+  data's `sources.decode_image`, inference's `image_io.preprocess`) must give them."""
+  fix = np.load(FIXTURE)
+  assert len(fix["small_cases"]) + len(fix["large_cases"]) == 18
+  for (w, h, res), expected in zip(fix["small_cases"].tolist(), fix["small_pixels"]):
+    np.testing.assert_array_equal(_through_both_call_sites(w, h, res), expected, err_msg=f"{w}x{h} @ {res}")
+  for (w, h, res), digest in zip(fix["large_cases"].tolist(), fix["large_sha256"]):
+    got = hashlib.sha256(_through_both_call_sites(w, h, res).tobytes()).hexdigest()
+    assert got == digest.decode(), f"{w}x{h} @ {res}: pixels differ from torchvision's"
+
+
+def test_resized_size_truncates_the_longer_side():
+  # torchvision Resize(int): shorter side -> size, longer int(size * long / short) (truncated), no max_size.
+  assert image_io.resized_size(335, 200, 256) == (428, 256)  # 428.8 -> 428 (rounding would give 429)
+  assert image_io.resized_size(200, 335, 256) == (256, 428)
+  assert image_io.resized_size(257, 256, 256) == (257, 256)  # already the right size: no resize at all
+  assert image_io.resized_size(256, 256, 256) == (256, 256)
+  assert image_io.resized_size(1000, 3, 256) == (85333, 256)
+  assert image_io.resized_size(3, 1000, 256) == (256, 85333)
+  assert image_io.resized_size(335, 200, 16) == (26, 16)  # 26.8 -> 26
+  with pytest.raises(ValueError, match="0x5"):
+    image_io.resized_size(0, 5, 4)
+
+
+def test_center_crop_box_rounds_half_to_even():
+  # torchvision CenterCrop: offsets int(round((side - crop) / 2)), Python's round (half to even).
+  assert image_io.center_crop_box(428, 256, 256) == (86, 0, 342, 256)
+  assert image_io.center_crop_box(257, 256, 256) == (0, 0, 256, 256)  # 0.5 -> 0
+  assert image_io.center_crop_box(256, 259, 256) == (0, 2, 256, 258)  # 1.5 -> 2
+  assert image_io.center_crop_box(23, 16, 16) == (4, 0, 20, 16)  # 3.5 -> 4 (a floor would give 3)
+  assert image_io.center_crop_box(16, 21, 16) == (0, 2, 16, 18)  # 2.5 -> 2
+  with pytest.raises(ValueError, match="smaller than the 16x16 crop"):
+    image_io.center_crop_box(15, 40, 16)
+
+
+def test_decode_image_conversions_feed_the_same_transform():
+  # An RGBA picture is composited on white by decode_image, then resized and cropped by image_io's code path.
+  rgba = np.concatenate([_noise(37, 29), np.full((29, 37, 1), 255, np.uint8)], axis=-1)
+  notes = []
+  out = sources.decode_image(rgba, "rgba", 16, notes)
+  assert notes == ["converted:alpha"]
+  np.testing.assert_array_equal(out, np.asarray(image_io.resize_center_crop(Image.fromarray(_noise(37, 29)), 16)))

@@ -409,10 +409,13 @@ def decode_image(data: Any, record_id: str, resolution: int, notes: list[str] | 
   """RGB uint8 `[resolution, resolution, 3]` from encoded bytes, a file path or an array.
 
   Conversions (each noted in `notes` for the pipeline statistics): grayscale / palette / CMYK / RGBA (alpha
-  composited on white) / 16-bit -> 8-bit RGB; then the official transform: resize the shorter side to `resolution`
-  (bicubic) and centre-crop (mmada-official.md §2.6). Unreadable or truncated files are bad records.
+  composited on white) / 16-bit -> 8-bit RGB; then the official transform, `image_io.resize_center_crop` (the same
+  code as inference's `image_io.preprocess`): torchvision's Resize(resolution, BICUBIC) + CenterCrop(resolution)
+  (mmada-official.md §2.6). Unreadable or truncated files are bad records.
   """
   from PIL import Image  # pylint: disable=import-outside-toplevel
+
+  from mmada_jax.models import image_io  # pylint: disable=import-outside-toplevel
 
   notes = notes if notes is not None else []
   if isinstance(data, np.ndarray):
@@ -426,7 +429,7 @@ def decode_image(data: Any, record_id: str, resolution: int, notes: list[str] | 
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for corrupt files
       raise BadRecordError(record_id, "unreadable image", f"{type(e).__name__}: {e}") from e
   image = _to_rgb(image, notes)
-  return _resize_center_crop(image, resolution)
+  return np.asarray(image_io.resize_center_crop(image, resolution), np.uint8)
 
 
 def _array_to_pil(data: np.ndarray, record_id: str, notes: list[str]):
@@ -461,19 +464,6 @@ def _to_rgb(image, notes: list[str]):
     return Image.alpha_composite(white, rgba).convert("RGB")
   notes.append(f"converted:{mode.lower()}")
   return image.convert("RGB")
-
-
-def _resize_center_crop(image, resolution: int) -> np.ndarray:
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-
-  w, h = image.size
-  if (w, h) != (resolution, resolution):
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    image = image.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - resolution) // 2, (nh - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-  return np.asarray(image, np.uint8)
 
 
 def gsm8k_parts(answer: str, record_id: str) -> tuple[str, str]:

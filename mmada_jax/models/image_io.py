@@ -1,8 +1,12 @@
 """Image pre- and post-processing for the MAGVIT-v2 tokenizer, as the official code does it (spec §2.6).
 
-Input (`image_transform`): RGB -> resize the shorter side to `resolution` (PIL bicubic, which antialiases when
-shrinking; the longer side becomes int(resolution * long / short)) -> centre crop resolution x resolution (offsets
-int(round((size - crop) / 2)), Python rounding) -> [0, 1] -> (x - 0.5) / 0.5 = [-1, 1].
+Input (`image_transform`): RGB -> torchvision `Resize(resolution, interpolation=BICUBIC, antialias=True)` then
+`CenterCrop(resolution)` on the PIL image -> [0, 1] -> (x - 0.5) / 0.5 = [-1, 1]. On a PIL image that is:
+  * resize: the shorter side becomes `resolution`, the longer side int(resolution * long / short) (truncated, not
+    rounded; no max_size), PIL bicubic (which antialiases when shrinking); no resize when the size is already right;
+  * crop: top = int(round((height - resolution) / 2)), left = int(round((width - resolution) / 2)) with Python's
+    round() (half to even: 0.5 -> 0, 1.5 -> 2).
+This module is the one implementation of that transform: `data.sources.decode_image` (training data) uses it too.
 `image_transform_squash`: resize straight to resolution x resolution (bicubic), no crop.
 Output: clamp((x + 1) / 2, 0, 1) * 255 in float32, then truncation to uint8 (not rounding).
 
@@ -35,22 +39,40 @@ def _open(image) -> Image.Image:
   return Image.fromarray(arr, "RGB")
 
 
-def resize_shorter_side(im: Image.Image, size: int) -> Image.Image:
-  """Shorter side -> `size`, aspect ratio kept (longer side truncated like torchvision's Resize(int))."""
-  w, h = im.size
-  short, long = (w, h) if w <= h else (h, w)
+def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+  """(new_width, new_height) of torchvision's Resize(size) (an int, no max_size): the shorter side becomes `size`,
+  the longer one int(size * long / short), truncated."""
+  if width < 1 or height < 1 or size < 1:
+    raise ValueError(f"cannot resize a {width}x{height} image to a shorter side of {size}")
+  short, long = (width, height) if width <= height else (height, width)
   new_short, new_long = size, int(size * long / short)
-  new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-  return im.resize((new_w, new_h), Image.BICUBIC)
+  return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def center_crop_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+  """PIL crop box (left, top, right, bottom) of torchvision's CenterCrop(size) on a width x height image at least
+  size x size: offsets int(round((side - size) / 2)), Python's round (half to even)."""
+  if width < size or height < size:
+    raise ValueError(f"image of {width}x{height} is smaller than the {size}x{size} crop")
+  top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+  return left, top, left + size, top + size
+
+
+def resize_shorter_side(im: Image.Image, size: int) -> Image.Image:
+  """Shorter side -> `size`, aspect ratio kept, bicubic: torchvision's Resize(size, BICUBIC) on a PIL image."""
+  new_size = resized_size(*im.size, size)
+  return im if new_size == im.size else im.resize(new_size, Image.BICUBIC)
 
 
 def center_crop(im: Image.Image, size: int) -> Image.Image:
-  """Centre size x size crop; offsets rounded with Python's round() (half to even), as torchvision's CenterCrop."""
-  w, h = im.size
-  if w < size or h < size:
-    raise ValueError(f"image of {w}x{h} is smaller than the {size}x{size} crop")
-  top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-  return im.crop((left, top, left + size, top + size))
+  """Centre size x size crop, torchvision's CenterCrop(size) (see `center_crop_box`)."""
+  return im.crop(center_crop_box(*im.size, size))
+
+
+def resize_center_crop(im: Image.Image, resolution: int) -> Image.Image:
+  """The official transform's geometry on an RGB PIL image: Resize(resolution, BICUBIC) then CenterCrop(resolution).
+  Returns a resolution x resolution PIL image."""
+  return center_crop(resize_shorter_side(im, resolution), resolution)
 
 
 def preprocess(image, resolution: int, mode: str = "crop") -> np.ndarray:
@@ -59,7 +81,7 @@ def preprocess(image, resolution: int, mode: str = "crop") -> np.ndarray:
     raise ValueError(f"resize mode must be one of {MODES}, got {mode!r}")
   im = _open(image)
   if mode == "crop":
-    im = center_crop(resize_shorter_side(im, resolution), resolution)
+    im = resize_center_crop(im, resolution)
   else:
     im = im.resize((resolution, resolution), Image.BICUBIC)
   x = np.asarray(im, dtype=np.float32) / np.float32(255.0)
