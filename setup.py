@@ -27,7 +27,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
+    "test": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.17,<0.18"],  # ruff: the lint step of .ci/run (pyproject.toml)
     # Cloud TPU VMs: the TPU build of jaxlib (libtpu). Also enables AOT compilation for TPU topologies on a CPU host.
     "tpu": ["jax[tpu]>=0.10.0"],
     "gpu": ["jax[cuda12]>=0.10.0"],
@@ -40,7 +40,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mmada_jax", "mmada_jax.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax, flax, orbax-checkpoint and grain need 3.11
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["mmada-jax=mmada_jax.cli:main"]},

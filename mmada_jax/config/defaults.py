@@ -155,7 +155,8 @@ def data_section() -> ConfigDict:
   d.valid_mask_all_ones = True  # §3.3: lm/mmu valid mask built after padding = all ones (official); False: real tokens
   d.lm_max_chars = 8000  # pre-training text: random window of this many characters, newlines removed (§4.6); 0 = off
   d.lm_seq_len = 0  # length of the lm rows; 0 = L = S + N + 3, the length of every other row (official). Shorter lm
-  #                   rows (chat / CoT text) skip the EOS padding up to L; the loss then runs one forward pass per length
+  #                   rows (chat / CoT text) skip the EOS padding up to L; the loss then runs one forward pass per
+  #                   length
   d.drop_long_captions = False  # t2i: skip captions longer than S tokens (official stages >= 1.2) instead of truncating
   # Batch composition: rows per step of each task over all hosts (official per-GPU sizes x data-parallel replicas).
   d.batch_size_t2i = 7

@@ -52,7 +52,8 @@ def _validate_model(m: ConfigDict, errors: list[str]) -> None:
   impl = m.get("attention_impl", "einsum")
   _require(impl in ATTENTION_IMPLS, "model.attention_impl", f"must be one of {ATTENTION_IMPLS}, got {impl!r}", errors)
   _require(impl != "cudnn" or m.dtype in ("bfloat16", "float16"), "model.attention_impl",
-           f"'cudnn' needs model.dtype bfloat16 or float16 (the fused kernel has no fp32 mode), got {m.dtype!r}", errors)
+           f"'cudnn' needs model.dtype bfloat16 or float16 (the fused kernel has no fp32 mode), got {m.dtype!r}",
+           errors)
 
 
 SPECIAL_ID_KEYS = ("mask_id", "bos_id", "eos_id", "pad_id", "soi_id", "eoi_id", "t2i_id", "mmu_id", "ipad_id",
@@ -69,8 +70,8 @@ def _validate_vocab(v: ConfigDict, model: ConfigDict, errors: list[str]) -> None
   _require(v.image_offset >= v.text_vocab_size, "vocab.image_offset",
            f"image ids ({v.image_offset}+code) overlap the text ids [0, {v.text_vocab_size})", errors)
   _require(v.image_offset + v.codebook_size <= rows, "vocab.image_offset",
-           f"image ids end at vocab.image_offset + vocab.codebook_size = {v.image_offset + v.codebook_size}, beyond the "
-           f"model.vocab_size={rows} rows of the embedding", errors)
+           f"image ids end at vocab.image_offset + vocab.codebook_size = {v.image_offset + v.codebook_size}, beyond "
+           f"the model.vocab_size={rows} rows of the embedding", errors)
   _require(v.num_image_tokens > 0, "vocab.num_image_tokens", f"must be positive, got {v.num_image_tokens}", errors)
 
 
@@ -105,8 +106,8 @@ def _validate_magvit(g: ConfigDict, vocab: ConfigDict, errors: list[str]) -> Non
     _require(g[key] >= 0, f"magvit.{key}", f"must be >= 0, got {g[key]}", errors)
   t = g.train
   for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep", "eval_images"):
-    _require(isinstance(t[key], int) and t[key] > 0, f"magvit.train.{key}", f"must be a positive integer, got {t[key]!r}",
-             errors)
+    _require(isinstance(t[key], int) and t[key] > 0, f"magvit.train.{key}",
+             f"must be a positive integer, got {t[key]!r}", errors)
   _require(t.learning_rate > 0 and t.warmup_steps >= 0 and t.weight_decay >= 0 and t.grad_clip >= 0,
            "magvit.train", "learning_rate must be > 0; warmup_steps, weight_decay, grad_clip >= 0", errors)
   _require(t.recon_loss in ("l1", "l2"), "magvit.train.recon_loss", f"must be 'l1' or 'l2', got {t.recon_loss!r}",
