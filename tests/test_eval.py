@@ -7,6 +7,7 @@ import pytest
 
 from mmada_jax import config as config_lib
 from mmada_jax.data import toyworld as tw
+from mmada_jax.cli import eval as eval_cmd
 from mmada_jax.eval import answers, toyworld_eval as te
 from test_sample_cli import CONFIG, OVERRIDES, build_checkpoints, config_args, load_config
 
@@ -20,7 +21,7 @@ def test_eval_all_tasks_writes_json_markdown_and_grid(ckpts, capsys):
   args = ["--workdir", ckpts["workdir"], "--magvit", ckpts["magvit"], "--count", "3", "--batch_size", "2",
           "--config.sampling.eval_text.gen_length=8", "--config.sampling.eval_text.block_length=4",
           "--config.sampling.eval_text.steps=4"]
-  assert te.main_eval(args + config_args()) == 0
+  assert eval_cmd.main(args + config_args()) == 0
   out = capsys.readouterr()
   base = os.path.join(ckpts["workdir"], "eval", "toyworld_step7")
   with open(base + ".json") as f:
@@ -44,7 +45,7 @@ def test_eval_all_tasks_writes_json_markdown_and_grid(ckpts, capsys):
   assert "| text | all |" in out.out and "| t2i | all |" in out.out and "| mmu | chance: the most frequent" in out.out
   assert os.path.exists(base + ".md") and os.path.exists(base + "_t2i.png")
   with pytest.raises(config_lib.ConfigError, match="output exists.*--overwrite"):
-    te.main_eval(args + config_args())
+    eval_cmd.main(args + config_args())
 
 
 def test_attribute_means_count_each_attribute_where_scored():
@@ -60,7 +61,7 @@ def test_attribute_means_count_each_attribute_where_scored():
 def test_eval_plain_text_task_only(ckpts, tmp_path):
   out = str(tmp_path / "r.json")
   args = ["--params", ckpts["params"], "--tasks", "text", "--text_format", "plain", "--count", "2", "--out", out]
-  assert te.main_eval(args + config_args()) == 0
+  assert eval_cmd.main(args + config_args()) == 0
   with open(out) as f:
     result = json.load(f)
   assert set(result["tasks"]) == {"text"} and result["tasks"]["text"]["text_format"] == "plain"
@@ -76,13 +77,13 @@ def test_eval_plain_text_task_only(ckpts, tmp_path):
 ])
 def test_eval_errors(args, message):
   with pytest.raises(config_lib.ConfigError, match=message):
-    te.main_eval(args + (["--params", "x"] if args else []) + config_args())
+    eval_cmd.main(args + (["--params", "x"] if args else []) + config_args())
 
 
 def test_task_defaults_and_formats():
   config = load_config()
-  assert te._tasks(None, config, None) == ("text",)  # no image tokenizer: text only
-  assert te._tasks(None, config, "magvit") == te.TASKS
+  assert eval_cmd._tasks(None, config, None) == ("text",)  # no image tokenizer: text only
+  assert eval_cmd._tasks(None, config, "magvit") == te.TASKS
   assert te.text_format(config) == "chat" and te.mmu_cot(config)
   stage1 = config_lib.load_config(CONFIG.replace(":cot", ":stage1"), OVERRIDES)
   assert te.text_format(stage1) == "plain" and not te.mmu_cot(stage1)
@@ -144,7 +145,7 @@ def test_periodic_sampler_matches_eval_cli_and_writes_files(ckpts, tmp_path):
     assert os.path.exists(tmp_path / "samples" / f"step5.{ext}"), ext
   out = str(tmp_path / "cli.json")
   args = ["--params", ckpts["params"], "--magvit", ckpts["magvit"], "--count", "3", "--batch_size", "3", "--out", out]
-  assert te.main_eval(args + config_args()) == 0
+  assert eval_cmd.main(args + config_args()) == 0
   with open(out) as f:
     cli = json.load(f)
   assert {f"sample_acc_{t}": a for t, a in cli["accuracy"].items()} == scores
@@ -168,11 +169,11 @@ def test_eval_t2i_clip_score_from_injected_embedders(ckpts):
   import jax
   import numpy as np
 
-  from mmada_jax.diffusion import sample_cli
+  from mmada_jax.inference import presets, sampler as sampler_lib
   from mmada_jax.rl import rewards
 
   config = load_config(**{"data.image_tokenizer": ckpts["magvit"]})
-  sampler = sample_cli.Sampler.load(config, params=ckpts["params"], need_images=True, log=lambda _: None)
+  sampler = sampler_lib.Sampler.load(config, params=ckpts["params"], need_images=True, log=lambda _: None)
   records = [tw.ToyWorld.from_config(config).example("test", i) for i in range(3)]
   seen = []
 
@@ -182,7 +183,7 @@ def test_eval_t2i_clip_score_from_injected_embedders(ckpts):
 
   aligned = rewards.ClipScore(image_embed, lambda texts: np.tile([1.0, 0.0], (len(texts), 1)))
   half = rewards.ClipScore(image_embed, lambda texts: np.tile([1.0, 1.0], (len(texts), 1)))
-  settings = sample_cli.image_settings(config)
+  settings = presets.image_settings(config)
   res, _ = te.eval_t2i(sampler, records, settings, 2, jax.random.key(0), clip=aligned)
   assert res["clip_score"] == pytest.approx(100.0) and [s[0] for s in seen] == [2, 1]  # padding repeats not scored
   res, _ = te.eval_t2i(sampler, records, settings, 2, jax.random.key(0), clip=half)
@@ -193,9 +194,9 @@ def test_eval_t2i_clip_score_from_injected_embedders(ckpts):
 def test_eval_clip_needs_t2i_and_local_weights(ckpts, tmp_path):
   args = ["--params", ckpts["params"], "--magvit", ckpts["magvit"], "--count", "1"]
   with pytest.raises(config_lib.ConfigError, match="add t2i to --tasks"):
-    te.main_eval(args + ["--tasks", "text", "--clip", str(tmp_path)] + config_args())
+    eval_cmd.main(args + ["--tasks", "text", "--clip", str(tmp_path)] + config_args())
   with pytest.raises(ValueError, match="no such directory"):
-    te.main_eval(args + ["--tasks", "t2i", "--clip", str(tmp_path / "missing"), "--out", str(tmp_path / "o.json")]
+    eval_cmd.main(args + ["--tasks", "t2i", "--clip", str(tmp_path / "missing"), "--out", str(tmp_path / "o.json")]
                  + config_args())
 
 

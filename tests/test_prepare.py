@@ -15,9 +15,11 @@ import pytest
 from PIL import Image
 
 from mmada_jax import cli, config as config_lib
-from mmada_jax.data import pipelines, prepare, sources, toyworld
-from mmada_jax.models import magvit, magvit_train
-from mmada_jax.train import data_setup
+from mmada_jax.data import pipelines, prepare, prepared, sources, toyworld
+from mmada_jax.data.tokenizer import make_tokenizer
+from mmada_jax.inference.image_tokenizer import online_encoder
+from mmada_jax.models import magvit
+from mmada_jax.train import magvit as magvit_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "experiments", "toyworld.py") + ":cot"
@@ -63,7 +65,7 @@ def env(tmp_path_factory):
     (folder / f"img{i}.png").write_bytes(png_bytes(rec["image"], "L" if i == 4 else None))
     (folder / f"img{i}.txt").write_text(rec["draw_prompt"] if i != 3 else "   ")
   (folder / "img2.png").write_bytes(png_bytes(world.example("train", 2)["image"])[:150])  # truncated: corrupt
-  tokenizer = data_setup.make_tokenizer(config)
+  tokenizer = make_tokenizer(config)
   env = dict(root=root, config=config, tokenizer=tokenizer, folder=str(folder), **paths)
   env["ref"] = str(root / "ref")
   env["ref_manifest"] = run(env, "toyworld:draw", "t2i", env["ref"])
@@ -87,7 +89,7 @@ def test_reference_run_layout_and_records(env):
   assert [s["records"] for s in m["shards"]] == [5, 5, 5, 5, 4]
   assert sorted(files_of(env["ref"])) == ["manifest.json"] + [f"tokens-{k:05d}-of-00005.array_record" for k in range(5)]
   ident = m["identity"]
-  assert ident["image_tokenizer"]["param_sha256"] == prepare.checkpoint_sha256(env["magvit0"])
+  assert ident["image_tokenizer"]["param_sha256"] == prepared.checkpoint_sha256(env["magvit0"])
   assert ident["image_tokenizer"]["codebook_size"] == 1024 and ident["source"]["toyworld"]["num_train"] == 24
   src = sources.TokenShardSource(env["ref"])
   rec = src[7]
@@ -179,7 +181,7 @@ def test_tokens_source_gives_the_online_batches(env, tmp_path):
   mmu_dir = str(tmp_path / "mmu")
   run(env, "toyworld:cot", "mmu", mmu_dir, shard_size=7)
   online_cfg = load_config(**{"data.image_tokenizer": env["magvit0"], "data.t2i_sources": "toyworld:draw"})
-  online = build(online_cfg, tok, data_setup.make_image_encoder(online_cfg))
+  online = build(online_cfg, tok, online_encoder(online_cfg))
   tokens_cfg = load_config(**{"data.image_tokenizer": env["magvit0"], "data.t2i_sources": f"tokens:{env['ref']}",
                               "data.mmu_sources": f"tokens:{mmu_dir}"})  # validated: `tokens` is a known kind
   prepared = build(tokens_cfg, tok)  # no image encoder

@@ -1,4 +1,4 @@
-"""`mmada-jax sample text|t2i|mmu` end to end on a tiny random backbone and a tiny random MAGVIT-v2 saved as
+"""The inference library (`mmada_jax.inference`) and `mmada-jax sample text|t2i|mmu` end to end on a tiny random backbone and a tiny random MAGVIT-v2 saved as
 checkpoints; the block-by-block text stream against the one-program sampler; presets; errors a user can make."""
 
 import dataclasses
@@ -12,7 +12,10 @@ import pytest
 from PIL import Image
 
 from mmada_jax import checkpoint as ckpt, cli, config as config_lib
-from mmada_jax.diffusion import sample_cli, sampling_text as st
+from mmada_jax.cli import sample as sample_cmd
+from mmada_jax.data.tokenizer import shared_tokenizer
+from mmada_jax.diffusion import sampling_text as st
+from mmada_jax.inference import InferenceError, loading, presets, sampler as sampler_lib
 from mmada_jax.tokens import vocab as vocab_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +44,8 @@ def build_checkpoints(root) -> dict:
   """A parameter checkpoint, a training workdir (steps 3 and 7; step 7 holds the same parameters), a MAGVIT
   checkpoint and a ToyWorld test image, under `root`."""
   from mmada_jax.data import toyworld as tw
-  from mmada_jax.models import llada, magvit, magvit_train
+  from mmada_jax.models import llada, magvit
+  from mmada_jax.train import magvit as magvit_train
   from mmada_jax.train import optim, state as state_lib
 
   config = load_config()
@@ -88,8 +92,8 @@ def test_text_streams_an_answer(ckpts, capsys):
   writes = []
   recorder = type("Recorder", (), {"write": lambda self, t: writes.append(t), "flush": lambda self: None})()
   config = load_config()
-  sampler = sample_cli.Sampler.load(config, params=ckpts["params"], log=lambda m: None)
-  texts = sample_cli.run_text(sampler, ["Ada has 3 red circles and gets 2 more."], sample_cli.text_settings(config),
+  sampler = sampler_lib.Sampler.load(config, params=ckpts["params"], log=lambda m: None)
+  texts = sample_cmd.run_text(sampler, ["Ada has 3 red circles and gets 2 more."], presets.text_settings(config),
                               config.seed, think=True, out=recorder)
   assert "".join(writes[:-1]) == texts[0] + "\n" and writes[-1].startswith("(1 x 16 positions")
   assert texts[0] and out.startswith(texts[0])
@@ -151,7 +155,7 @@ def test_stream_text_equals_generate():
   ids, mask = st.left_pad([[1, 2, 3, 4, 5], [6, 7]], pad_id=0)
   settings = st.TextSampling(gen_length=8, block_length=4, steps=4, temperature=1.0, cfg_scale=1.0)
   want = np.asarray(st.generate(model, params, ids, mask, mask_id=mask_id, settings=settings, rng=key)["tokens"])
-  blocks = list(sample_cli.stream_text(model, params, ids, mask, mask_id=mask_id, settings=settings, rng=key))
+  blocks = list(sampler_lib.stream_text(model, params, ids, mask, mask_id=mask_id, settings=settings, rng=key))
   assert [b for b, _ in blocks] == [0, 1]
   np.testing.assert_array_equal(blocks[-1][1], want)
   np.testing.assert_array_equal(blocks[0][1][:, :5 + 4], want[:, :5 + 4])
@@ -161,30 +165,30 @@ def test_stream_text_equals_generate():
   first = np.asarray(st.generate(model, params, ids[:1], mask_id=mask_id, settings=greedy)["tokens"])
   stopping = dataclasses.replace(greedy, stop_token=int(first[0, 5 + 4 - 1]))
   want = st.generate(model, params, ids[:1], mask_id=mask_id, settings=stopping)
-  blocks = list(sample_cli.stream_text(model, params, ids[:1], mask_id=mask_id, settings=stopping))
+  blocks = list(sampler_lib.stream_text(model, params, ids[:1], mask_id=mask_id, settings=stopping))
   assert int(want["blocks"]) == len(blocks) == 1
   np.testing.assert_array_equal(blocks[-1][1], np.asarray(want["tokens"]))
 
 
 def test_presets_and_precedence():
   config = load_config()
-  demo = sample_cli.text_settings(config, "demo")
+  demo = presets.text_settings(config, "demo")
   assert (demo.gen_length, demo.block_length, demo.steps, demo.temperature) == (512, 128, 256, 1.0)
-  mine = sample_cli.text_settings(config, "gsm8k", {"gen_length"}, block_length=8)
+  mine = presets.text_settings(config, "gsm8k", {"gen_length"}, block_length=8)
   assert (mine.gen_length, mine.block_length, mine.steps, mine.temperature) == (16, 8, 256, 0.0)
-  image = sample_cli.image_settings(config, "demo-50")
+  image = presets.image_settings(config, "demo-50")
   assert (image.timesteps, image.guidance_scale, image.temperature_annealing) == (50, 3.5, "cumulative")
-  assert sample_cli.text_settings(config).gen_length == 16  # the config alone
-  with pytest.raises(sample_cli.SampleError, match=r"--preset 'fast': unknown text preset \(known: demo, "):
-    sample_cli.text_settings(config, "fast")
-  with pytest.raises(sample_cli.SampleError, match="not a multiple of block_length"):
-    sample_cli.text_settings(config, block_length=5)
+  assert presets.text_settings(config).gen_length == 16  # the config alone
+  with pytest.raises(InferenceError, match=r"--preset 'fast': unknown text preset \(known: demo, "):
+    presets.text_settings(config, "fast")
+  with pytest.raises(InferenceError, match="not a multiple of block_length"):
+    presets.text_settings(config, block_length=5)
 
 
 def test_answer_stops_at_the_end_of_the_turn():
   config = load_config()
   v = vocab_lib.Vocab.from_config(config.vocab)
-  sampler = sample_cli.Sampler(config, None, None, sample_cli._tokenizer(config), v, None)
+  sampler = sampler_lib.Sampler(config, None, None, shared_tokenizer(config), v, None)
   ids = sampler.tokenizer.encode("<think>2+3=5</think>5")
   assert sampler.answer(ids + [v.eot_id] + ids) == "<think>2+3=5</think>5"
   assert sampler.answer([v.mask_id] + ids + [v.mask_id, v.eos_id, v.mask_id]) == "<think>2+3=5</think>5"
@@ -233,10 +237,10 @@ def test_export_writes_the_runs_parameters(ckpts, tmp_path, capsys):
   assert meta["kind"] == "mmada_backbone" and meta["step"] == 3 and meta["layer_layout"] == "unstacked"
   saved, _ = ckpt.load_params(out, as_numpy=True)
   config = load_config()
-  want = jax.device_get(sample_cli.load_backbone(config, workdir=ckpts["workdir"], step=3, log=lambda s: None)[1])
+  want = jax.device_get(loading.load_backbone(config, workdir=ckpts["workdir"], step=3, log=lambda s: None)[1])
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b.astype(jnp.bfloat16))), saved,
                want)
-  _, back, info = sample_cli.load_backbone(config, params=out, log=lambda s: None)
+  _, back, info = loading.load_backbone(config, params=out, log=lambda s: None)
   assert info["source"] == os.path.abspath(out) and jax.tree.leaves(back)[0].dtype == jnp.float32
   capsys.readouterr()
   assert cli.main(["export", "--workdir", ckpts["workdir"], "--out", out] + config_args()) != 0

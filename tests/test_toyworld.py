@@ -173,16 +173,16 @@ def test_text_answer_checker():
 
 
 def test_command_line_build_and_check(tmp_path, capsys):
-  from mmada_jax.data import toyworld_tfds
+  from mmada_jax.cli import toyworld as toyworld_cmd
 
   args = ["build", f"--data_dir={tmp_path}", "--config.data.toyworld.num_train=4",
           "--config.data.toyworld.num_validation=1", "--config.data.toyworld.num_test=2"]
-  assert toyworld_tfds.main_toyworld(args) == 0
+  assert toyworld_cmd.main(args) == 0
   out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert out["splits"] == {"train": 4, "validation": 1, "test": 2}
   assert out["source"] == "tfds:toy_world/s64_g3_m4_seed0_4_1_2"
-  assert toyworld_tfds.main_toyworld(["check", "--count=5", "--config.data.toyworld.image_size=32",
-                                      "--config.data.toyworld.grid=2"]) == 0
+  assert toyworld_cmd.main(["check", "--count=5", "--config.data.toyworld.image_size=32",
+                            "--config.data.toyworld.grid=2"]) == 0
   lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
   assert [x["images"] for x in lines] == ["truth", "blank", "noise", "shuffled"]
   assert lines[0]["draw"] == 1.0 and lines[1]["draw"] == lines[2]["draw"] == 0.0

@@ -11,7 +11,6 @@ alternating rounds.
 
 from __future__ import annotations
 
-import argparse
 from typing import Any, Callable
 
 import jax
@@ -22,6 +21,8 @@ from mmada_jax.bench import common
 from mmada_jax.bench.common import BenchError
 from mmada_jax.models import llada
 from mmada_jax.train import flops as flops_lib
+
+Options = Any  # the options of `mmada-jax bench` (an argparse namespace: workload flags, repeats, warmup, ...)
 
 
 def _backbone(config):
@@ -440,5 +441,5 @@ def run_magvit(config, args, log) -> dict:
   return {"cases": cases, "peak": peak, "flops_note": "MAGVIT FLOPs are XLA's cost analysis of the program"}
 
 
-WORKLOADS: dict[str, Callable[[Any, argparse.Namespace, Callable], dict]] = {
+WORKLOADS: dict[str, Callable[[Any, Options, Callable], dict]] = {
     "train": run_train, "generate": run_generate, "t2i": run_t2i, "rl": run_rl, "magvit": run_magvit}

@@ -31,7 +31,7 @@ import grain
 import numpy as np
 
 from mmada_jax import config as config_lib
-from mmada_jax.data import sources as src_lib
+from mmada_jax.data import prepared, sources as src_lib
 from mmada_jax.data import toyworld as tw
 from mmada_jax.tokens import prompting
 from mmada_jax.tokens import text_tokenizer as tt
@@ -523,8 +523,7 @@ def build_iterator(config, tokenizer: tt.TextTokenizer, image_encoder: ImageEnco
     for k, spec in enumerate(d[f"{task}_sources"]):
       source, kind, variant = open_source(spec, task, config, split)
       if kind == "tokens":
-        from mmada_jax.data import prepare  # pylint: disable=import-outside-toplevel
-        prepare.check_prepared(source.manifest, config, task, tokenizer, where=f"data.{task}_sources {spec!r}")
+        prepared.check_prepared(source.manifest, config, task, tokenizer, where=f"data.{task}_sources {spec!r}")
       ctx = make_context(config, task, kind, variant, tokenizer, image_encoder)
       names.append(f"{k}:{spec}")
       datasets.append(source_dataset(source, ctx, name=f"{task}/{spec}", seed=_source_seed(config.seed, task, k),

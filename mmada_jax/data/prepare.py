@@ -30,12 +30,10 @@ manifest's is refused with the differing entries named. `complete` becomes true 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import fcntl
 import functools
-import hashlib
 import json
 import os
 import sys
@@ -44,112 +42,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mmada_jax import config as config_lib
 from mmada_jax.data import pipelines
-from mmada_jax.data import sources as src_lib
+from mmada_jax.data import prepared, sources as src_lib
+from mmada_jax.data.tokenizer import shared_tokenizer
+from mmada_jax.inference.image_tokenizer import load_image_tokenizer
 
 FORMAT_VERSION = 1
 TASKS = ("t2i", "mmu")
 SHARD_NAME = "tokens-{:05d}-of-{:05d}.array_record"
 ARRAY_RECORD_OPTIONS = "group_size:1"
-PATH_KINDS = ("jsonl", "gsm8k", "parquet", "images", "wds")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Identity: what the shards depend on
-
-
-def params_sha256(params: Any) -> str:
-  """SHA-256 over every parameter leaf (key path, dtype, shape, bytes), in key-path order."""
-  import jax  # pylint: disable=import-outside-toplevel
-
-  h = hashlib.sha256()
-  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
-    a = np.ascontiguousarray(np.asarray(leaf))
-    h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.name}|{a.shape}\n".encode())
-    h.update(a.tobytes())
-  return h.hexdigest()
-
-
-@functools.lru_cache(maxsize=8)
-def _checkpoint_sha256(path: str, stamp: int) -> str:
-  del stamp  # part of the cache key only: a rewritten checkpoint is hashed again
-  from mmada_jax import checkpoint as ckpt  # pylint: disable=import-outside-toplevel
-
-  return params_sha256(ckpt.load_params(path, expected={"kind": "magvit"}, as_numpy=True)[0])
-
-
-def checkpoint_sha256(path: str) -> str:
-  """`params_sha256` of a MAGVIT-v2 parameter checkpoint (cached per path and modification time)."""
-  path = os.path.abspath(path)
-  meta = os.path.join(path, "metadata", "metadata")
-  return _checkpoint_sha256(path, os.stat(meta).st_mtime_ns if os.path.exists(meta) else 0)
-
-
-def text_tokenizer_identity(tokenizer) -> dict[str, Any]:
-  return {"sha256": hashlib.sha256(tokenizer.tokenizer.to_str().encode("utf-8")).hexdigest(), "size": len(tokenizer)}
-
-
-def vocab_facts(config) -> dict[str, Any]:
-  from mmada_jax.tokens import vocab as vocab_lib  # pylint: disable=import-outside-toplevel
-
-  return dict(sorted(vars(vocab_lib.Vocab.from_config(config.vocab)).items()))
-
-
-def magvit_arch(config) -> dict[str, Any]:
-  from mmada_jax.models import magvit  # pylint: disable=import-outside-toplevel
-
-  return magvit.MagvitConfig.from_config(config.magvit).arch_dict()
-
-
-def layout_facts(config, task: str) -> dict[str, Any]:
-  """Config values that change the stored text (the mmu prompt's end-of-turn text)."""
-  return {"mmu_literal_eot": bool(config.data.mmu_literal_eot)} if task == "mmu" else {}
-
-
-def source_identity(spec: str, variant: str, split: str, count: int, config) -> dict[str, Any]:
-  """The source as a rerun must give it again: paths made absolute, generator settings, record count."""
-  kind, _, arg = spec.partition(":")
-  if kind in PATH_KINDS:
-    arg = os.path.abspath(os.path.expanduser(arg))
-  elif kind == "llava":
-    path, _, root = arg.partition(":")
-    arg = os.path.abspath(path) + (":" + os.path.abspath(root) if root else "")
-  out = {"spec": f"{kind}:{arg}" if arg else kind, "variant": variant, "split": split, "records": count}
-  if kind == "toyworld":
-    out["toyworld"] = dict(sorted(config.data.toyworld.items()))
-  if kind == "tfds":
-    out["data_dir"] = config.data.data_dir
-  return out
-
-
-def diff_identity(have: Any, want: Any, prefix: str = "") -> list[str]:
-  """Dotted `key: A vs B` lines for every leaf where two identity dicts differ."""
-  if isinstance(have, dict) and isinstance(want, dict):
-    out = []
-    for key in sorted(set(have) | set(want)):
-      out += diff_identity(have.get(key), want.get(key), f"{prefix}.{key}" if prefix else key)
-    return out
-  return [] if have == want else [f"{prefix}: {have!r} vs {want!r}"]
-
-
-def check_prepared(manifest: dict, config, task: str, tokenizer, where: str = "tokens source") -> None:
-  """Raises PreparedDataError unless a prepared directory fits this training run (task, vocab, text tokenizer, MAGVIT
-  architecture, and the parameters of `data.image_tokenizer` when the config names one)."""
-  ident = manifest["identity"]
-  want = {"task": task, "vocab": vocab_facts(config), "text_tokenizer": text_tokenizer_identity(tokenizer),
-          "image_tokenizer": {"magvit": magvit_arch(config)}, "layout": layout_facts(config, task)}
-  have = {"task": ident["task"], "vocab": ident["vocab"], "text_tokenizer": ident["text_tokenizer"],
-          "image_tokenizer": {"magvit": ident["image_tokenizer"]["magvit"]}, "layout": ident["layout"]}
-  if config.data.image_tokenizer:
-    want["image_tokenizer"]["param_sha256"] = checkpoint_sha256(config.data.image_tokenizer)
-    have["image_tokenizer"]["param_sha256"] = ident["image_tokenizer"]["param_sha256"]
-  diffs = diff_identity(have, want)
-  if diffs:
-    raise src_lib.PreparedDataError(
-        f"{where}: prepared with other settings than this run (prepared vs config, "
-        f"MAGVIT checkpoint {manifest.get('image_tokenizer_path')!r}):\n  " + "\n  ".join(diffs))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -161,9 +62,6 @@ class _Job:
 
   def __init__(self, config, spec: str, task: str, out: str, *, split: str, shard_size: int, batch_size: int,
                limit: int, magvit: str | None, tokenizer, log: Callable[[str], None]):
-    from mmada_jax.diffusion import sample_cli  # pylint: disable=import-outside-toplevel
-    from mmada_jax.train import data_setup  # pylint: disable=import-outside-toplevel
-
     if task not in TASKS:
       raise ValueError(f"--task {task!r}: prepare stores image tasks {TASKS} (lm text is cut into random windows at "
                        f"training time; read it directly)")
@@ -179,15 +77,15 @@ class _Job:
     if self.count == 0:
       raise src_lib.EmptyDataError(f"source {spec!r} has no records")
     self.num_shards = -(-self.count // shard_size)
-    tokenizer = tokenizer or data_setup.make_tokenizer(config)
+    tokenizer = tokenizer or shared_tokenizer(config)
     self.ctx = pipelines.make_context(config, task, kind, variant, tokenizer, None)
-    self.image_tokenizer = sample_cli.load_image_tokenizer(config, magvit, log)
+    self.image_tokenizer = load_image_tokenizer(config, magvit, log)
     self.magvit_path = os.path.abspath(magvit or config.data.image_tokenizer)
     self.identity = {
-        "task": task, "source": source_identity(spec, variant, split, len(self.source), config),
-        "limit": limit, "shard_size": shard_size, "num_shards": self.num_shards, "vocab": vocab_facts(config),
-        "text_tokenizer": text_tokenizer_identity(tokenizer), "layout": layout_facts(config, task),
-        "image_tokenizer": {"param_sha256": params_sha256(self.image_tokenizer.params), "magvit": magvit_arch(config),
+        "task": task, "source": prepared.source_identity(spec, variant, split, len(self.source), config),
+        "limit": limit, "shard_size": shard_size, "num_shards": self.num_shards, "vocab": prepared.vocab_facts(config),
+        "text_tokenizer": prepared.text_tokenizer_identity(tokenizer), "layout": prepared.layout_facts(config, task),
+        "image_tokenizer": {"param_sha256": prepared.params_sha256(self.image_tokenizer.params), "magvit": prepared.magvit_arch(config),
                             "codebook_size": int(config.vocab.codebook_size),
                             "num_image_tokens": int(config.vocab.num_image_tokens)},
     }
@@ -340,7 +238,7 @@ def _start(job: _Job) -> dict[int, dict]:
                                       f"touch them (choose another --out)")
     return {}
   manifest = src_lib.read_token_manifest(job.out)
-  diffs = diff_identity(manifest.get("identity"), job.identity)
+  diffs = prepared.diff_identity(manifest.get("identity"), job.identity)
   if diffs:
     raise src_lib.PreparedDataError(
         f"{job.out} was prepared with other settings; refusing to mix shards (choose another --out, or rerun with the "
@@ -405,32 +303,3 @@ def prepare(config, spec: str, task: str, out: str, *, split: str = "train", sha
   job = _Job(config, spec, task, out, split=split, shard_size=shard_size, batch_size=batch_size, limit=limit,
              magvit=magvit, tokenizer=tokenizer, log=log)
   return run(job, progress=progress, after_shard=after_shard)
-
-
-def main_prepare(argv: list[str]) -> int:
-  """`mmada-jax prepare`: see the module docstring."""
-  path, overrides, rest = config_lib.split_config_args(argv)
-  p = argparse.ArgumentParser(prog="mmada-jax prepare", description="Pre-tokenise an image(+text) source into "
-                              "ArrayRecord shards of token ids (resumable; read in training as tokens:DIR).")
-  p.add_argument("--source", required=True, help="source spec, e.g. toyworld:cot, images:DIR, wds:GLOB, jsonl:GLOB")
-  p.add_argument("--task", required=True, choices=TASKS, help="the layout the records are for")
-  p.add_argument("--out", required=True, help="output directory (rerun the same command to resume)")
-  p.add_argument("--split", default="train", help="split of toyworld / tfds sources (default train)")
-  p.add_argument("--shard_size", type=int, default=4096, help="source records per shard")
-  p.add_argument("--batch_size", type=int, default=64, help="images per jitted MAGVIT-v2 encoding call")
-  p.add_argument("--magvit", default=None, help="MAGVIT-v2 parameter checkpoint (default: data.image_tokenizer)")
-  p.add_argument("--limit", type=int, default=0, help="only the first N source records (0 = all)")
-  p.add_argument("--no_progress", action="store_true", help="no progress bar")
-  args = p.parse_args(rest)
-  if path is None:
-    raise config_lib.ConfigError("--config FILE is required (see experiments/)")
-  config = config_lib.load_config(path, overrides)
-  log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-  m = prepare(config, args.source, args.task, args.out, split=args.split, shard_size=args.shard_size,
-              batch_size=args.batch_size, limit=args.limit, magvit=args.magvit, progress=not args.no_progress, log=log)
-  reasons = ", ".join(f"{r}: {n}" for r, n in m["skipped_by_reason"].items())
-  manifest = os.path.join(os.path.abspath(args.out), src_lib.TOKENS_MANIFEST)
-  print(f"prepared {m['records']} records in {m['num_shards']} shards, {len(m['skipped'])} skipped"
-        + (f" ({reasons})" if reasons else "") + f"; manifest {manifest}")
-  print(f"train on them with --config.data.{args.task}_sources=tokens:{os.path.abspath(args.out)}")
-  return 0

@@ -1,4 +1,4 @@
-"""ToyWorld as a tensorflow-datasets builder writing ArrayRecord (no TensorFlow needed), plus the `toyworld` command.
+"""ToyWorld as a tensorflow-datasets builder writing ArrayRecord (no TensorFlow needed; `mmada-jax toyworld build`).
 
     builder = toyworld_tfds.builder(config, data_dir)      # one builder config per (size, grid, objects, seed, counts)
     builder.download_and_prepare()                         # writes train / validation / test ArrayRecord files
@@ -9,10 +9,7 @@ The pipelines read it with the source spec `tfds:toy_world/<config name>` (or ge
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -83,46 +80,3 @@ def default_data_dir(config) -> str:
 def source_spec(config) -> str:
   """The pipeline source spec of the prepared data set of `config` (`tfds:toy_world/<config name>`)."""
   return f"tfds:toy_world/{builder(config).builder_config.name}"
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Command line: `mmada-jax toyworld {build,check,tokenizer}`
-
-
-def main_toyworld(args: list[str]) -> int:
-  """`build` writes the ArrayRecord splits; `check` measures the image checkers on truth / blank / noise / shuffled
-  images; `tokenizer` trains the ToyWorld tokenizer for the config's (toy) vocab and saves tokenizer.json."""
-  from mmada_jax import config as config_lib  # pylint: disable=import-outside-toplevel
-  from mmada_jax.data import toyworld_checkers  # pylint: disable=import-outside-toplevel
-  from mmada_jax.tokens import vocab as vocab_lib  # pylint: disable=import-outside-toplevel
-
-  path, overrides, rest = config_lib.split_config_args(args)
-  parser = argparse.ArgumentParser(prog="mmada-jax toyworld")
-  parser.add_argument("command", choices=("build", "check", "tokenizer"))
-  parser.add_argument("--data_dir", default=None, help="where ArrayRecord files go (default data.data_dir)")
-  parser.add_argument("--split", default="test")
-  parser.add_argument("--count", type=int, default=500, help="records measured by `check`")
-  parser.add_argument("--out", default=None, help="directory for tokenizer.json (`tokenizer`)")
-  opts = parser.parse_args(rest)
-  config = config_lib.load_config(path, overrides) if path else config_lib.apply_overrides(
-      config_lib.get_base_config(), overrides)
-  if opts.command == "build":
-    b = builder(config, opts.data_dir)
-    b.download_and_prepare()
-    print(json.dumps({"data_dir": str(b.data_dir), "source": f"tfds:toy_world/{b.builder_config.name}",
-                      "splits": {k: v.num_examples for k, v in b.info.splits.items()}}))
-  elif opts.command == "check":
-    world = tw.ToyWorld.from_config(config)
-    for kind in ("truth", "blank", "noise", "shuffled"):
-      scores = toyworld_checkers.measure_accuracy(world, opts.split, opts.count, kind)
-      print(json.dumps({"images": kind, "records": opts.count, **{k: round(v, 4) for k, v in scores.items()}}))
-  else:
-    if not opts.out:
-      parser.error("tokenizer needs --out DIR")
-    tok = tw.toy_tokenizer(vocab_lib.Vocab.from_config(config.vocab), tw.ToyWorld.from_config(config))
-    print(tok.save(opts.out))
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main_toyworld(sys.argv[1:]))

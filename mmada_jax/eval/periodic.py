@@ -22,6 +22,8 @@ from typing import Any, Callable
 import jax
 
 from mmada_jax.eval import toyworld_eval
+from mmada_jax.inference.image_tokenizer import load_image_tokenizer
+from mmada_jax.inference.sampler import Sampler
 
 TASK_OF = {"lm": "text", "mmu": "mmu", "t2i": "t2i"}
 
@@ -46,26 +48,19 @@ class PeriodicSampler:
   """Callable `(step, params) -> {"sample_acc_<task>": accuracy, ...}`; writes the files of the module docstring."""
 
   def __init__(self, config, model, workdir: str, log: Callable[[str], None] = print):
-    from mmada_jax.diffusion import sample_cli
-    from mmada_jax.tokens import prompting, vocab as vocab_lib
-
     self.config, self.model, self.log = config, model, log
     self.every, self.count = int(config.train.sample_every), int(config.train.sample_count)
     self.tasks = sample_tasks(config)
     self.out_dir = os.path.join(workdir, "samples")
-    images = (sample_cli.load_image_tokenizer(config, None, log=lambda _: None)
-              if any(t != "text" for t in self.tasks) else None)
-    self._parts = dict(tokenizer=sample_cli._tokenizer(config), vocab=vocab_lib.Vocab.from_config(config.vocab),
-                       prompter=prompting.Prompter.from_config(config), images=images)
+    self.images = (load_image_tokenizer(config, None, log=lambda _: None)
+                   if any(t != "text" for t in self.tasks) else None)
 
   def due(self, step: int, total: int) -> bool:
     return self.every > 0 and (step % self.every == 0 or step == total)
 
   def __call__(self, step: int, params: Any) -> dict[str, float]:
-    from mmada_jax.diffusion import sample_cli
-
-    sampler = sample_cli.Sampler(self.config, self.model, params, origin={"source": "training", "step": step},
-                                 **self._parts)
+    sampler = Sampler.from_parts(self.config, self.model, params, images=self.images,
+                                 origin={"source": "training", "step": step})
     options = toyworld_eval.EvalOptions(tasks=self.tasks, count=self.count, batch_size=min(16, self.count),
                                         seed=int(self.config.seed), text_format="auto", chance=False)
     result, grid = toyworld_eval.evaluate(sampler, options, log=lambda _: None)

@@ -1,7 +1,5 @@
-"""`mmada-jax eval`: ToyWorld held-out accuracy of a checkpoint, per task.
-
-  mmada-jax eval --config experiments/toyworld.py:cot (--params CKPT | --workdir DIR [--step N]) [--magvit CKPT]
-                 [--tasks text,mmu,t2i] [--count 200] [--start 0] [--batch_size 16] [--out FILE.json] [--overwrite]
+"""ToyWorld held-out accuracy of a sampler, per task (the library behind `mmada-jax eval` and the periodic
+evaluation of training runs).
 
 Records `start .. start + count - 1` of the ToyWorld `test` split (its own fixed seed: never seen in training):
   text  the arithmetic word problem. `chat` format (the Mix-CoT training format: CoT instruction in the user turn, the
@@ -26,20 +24,21 @@ first generated images (`_t2i.png`). Existing files are never replaced unless `-
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
 import os
 import re
-import sys
 import time
 from collections import Counter, defaultdict
 from typing import Callable, Sequence
 
+import jax
 import numpy as np
 
-from mmada_jax import config as config_lib
+from mmada_jax.data import toyworld as tw, toyworld_checkers as checkers
+from mmada_jax.inference import presets
+from mmada_jax.models import image_io
 
 TASKS = ("text", "mmu", "t2i")
 TEXT_FORMATS = ("auto", "chat", "plain")
@@ -65,8 +64,6 @@ def padded_batches(n: int, size: int) -> list[list[int]]:
 
 def _answers(sampler, prompts: Sequence[Sequence[int]], settings, batch_size: int, key) -> list[str]:
   """Answers for prompts of any lengths: all left-padded to the longest, fixed batch size (one compiled program)."""
-  import jax
-
   width, out = max(len(p) for p in prompts), []
   for i, idx in enumerate(padded_batches(len(prompts), batch_size)):
     answers = sampler.generate_text([prompts[j] for j in idx], settings, jax.random.fold_in(key, i), width=width,
@@ -117,8 +114,6 @@ def reasoning_settings(config, text_s):
 
 def eval_text(sampler, records: Sequence[dict], settings, batch_size: int, key, fmt: str = "chat") -> dict:
   """Arithmetic word problems: accuracy (and `format`, the `<think>` rate, in the chat format)."""
-  from mmada_jax.data import toyworld_checkers as checkers
-
   if fmt == "chat":
     prompts = [sampler.chat_prompt(r["problem"], think=True) for r in records]
     shown = [r["problem"] for r in records]
@@ -147,8 +142,6 @@ def encode_images(sampler, images: Sequence[np.ndarray], batch_size: int) -> np.
 
 def eval_mmu(sampler, records: Sequence[dict], settings, batch_size: int, key, cot: bool = False) -> dict:
   """Visual questions about the rendered test images."""
-  from mmada_jax.data import toyworld_checkers as checkers
-
   codes = encode_images(sampler, [r["image"] for r in records], batch_size)
   prompts = [sampler.mmu_prompt(c, r["question"], think=cot) for c, r in zip(codes, records)]
   answers = _answers(sampler, prompts, settings, batch_size, key)
@@ -164,10 +157,6 @@ def eval_t2i(sampler, records: Sequence[dict], settings, batch_size: int, key,
   """Drawing prompts -> images checked by the pixel checker; returns (summary, the first GRID_IMAGES images).
 
   `clip` (an `rl.rewards.ClipScore`): also the mean CLIP score of image vs prompt, ×100 as usually reported."""
-  import jax
-
-  from mmada_jax.data import toyworld_checkers as checkers
-
   prompts = [r["draw_prompt"] for r in records]
   correct, kept, clip_scores, attributes = [], [], [], []
   for i, idx in enumerate(padded_batches(len(records), batch_size)):
@@ -220,8 +209,6 @@ def chance_baseline(world, task: str, records: Sequence[dict], others: int) -> d
   text  the most frequent answer of the first CHANCE_TRAIN_RECORDS training problems with the same operation;
   mmu   the most frequent training answer of the same question kind;
   t2i   the true image of another test record (records `others`, `others + 1`, ...), checked against this prompt."""
-  from mmada_jax.data import toyworld_checkers as checkers
-
   if task == "t2i":
     ok = [checkers.check_draw(world.example("test", others + i)["image"], r) for i, r in enumerate(records)]
     return {"accuracy": float(np.mean(ok)) if ok else 0.0, "method": "the true image of another test record"}
@@ -249,15 +236,10 @@ class EvalOptions:
 
 def evaluate(sampler, options: EvalOptions, log: Callable[[str], None] = print) -> tuple[dict, np.ndarray | None]:
   """Runs the tasks on the test records; returns (result dict, grid images of t2i or None)."""
-  import jax
-
-  from mmada_jax.data import toyworld as tw
-  from mmada_jax.diffusion import sample_cli
-
   config = sampler.config
   world = tw.ToyWorld.from_config(config)
   records = [world.example("test", options.start + i) for i in range(options.count)]
-  text_s = sample_cli.text_settings(config)
+  text_s = presets.text_settings(config)
   key, batch = jax.random.key(options.seed), max(1, min(options.batch_size, options.count))
   result = {"tasks": {}, "count": options.count, "start": options.start, "split": "test",
             "checkpoint": sampler.origin, "config": config.name, "settings": {}}
@@ -272,7 +254,7 @@ def evaluate(sampler, options: EvalOptions, log: Callable[[str], None] = print) 
       settings = text_s
       res = eval_mmu(sampler, records, settings, batch, task_key, cot=mmu_cot(config))
     else:
-      image_s = sample_cli.image_settings(config)
+      image_s = presets.image_settings(config)
       res, grid = eval_t2i(sampler, records, image_s, batch, task_key, clip=options.clip)
       result["settings"]["image"] = dataclasses.asdict(image_s)
     if task in ("text", "mmu"):
@@ -309,8 +291,6 @@ def format_table(result: dict) -> str:
 def write_outputs(result: dict, grid: np.ndarray | None, paths: dict[str, str], title: str) -> list[str]:
   """Writes the result JSON, the markdown table under `title` and (when there are t2i images) the PNG grid to
   `paths["json"]`, `paths["md"]`, `paths["png"]`; returns the paths written."""
-  from mmada_jax.models import image_io
-
   os.makedirs(os.path.dirname(os.path.abspath(paths["json"])), exist_ok=True)
   with open(paths["json"], "w") as f:
     json.dump(result, f, indent=1)
@@ -320,101 +300,3 @@ def write_outputs(result: dict, grid: np.ndarray | None, paths: dict[str, str], 
   if grid is not None:
     written.append(image_io.save_grid(grid, paths["png"], nrow=8))
   return written
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="mmada-jax eval", description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-  p.add_argument("--params", help="mmada-jax parameter checkpoint of the backbone")
-  p.add_argument("--workdir", help="training run directory: parameters of its latest checkpoint")
-  p.add_argument("--step", type=int, help="with --workdir: this checkpoint step instead of the latest")
-  p.add_argument("--magvit", help="MAGVIT-v2 parameter checkpoint (default: data.image_tokenizer)")
-  p.add_argument("--tasks", help=f"comma-separated subset of {','.join(TASKS)} (default: all the checkpoint allows)")
-  p.add_argument("--count", type=int, default=200, help="test records per task")
-  p.add_argument("--start", type=int, default=0, help="first test record")
-  p.add_argument("--batch_size", type=int, default=16, help="rows per sampler call")
-  p.add_argument("--text_format", choices=TEXT_FORMATS, default="auto", help="prompt format of the text task")
-  p.add_argument("--seed", type=int, help="PRNG seed of the sampler noise (default: config seed)")
-  p.add_argument("--clip", help="local Hugging Face CLIP directory (Flax weights, needs `transformers`): also report "
-                                "the CLIP score of the t2i images against their prompts")
-  p.add_argument("--out", help="JSON output path (default: WORKDIR/eval/toyworld_step<N>.json or ./toyworld_eval.json)")
-  p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-  return p
-
-
-def _tasks(spec: str | None, config, magvit: str | None) -> tuple[str, ...]:
-  have_images = bool(magvit or config.data.image_tokenizer)
-  if spec is None:
-    return TASKS if have_images else ("text",)
-  tasks = tuple(t.strip() for t in spec.split(",") if t.strip())
-  unknown = [t for t in tasks if t not in TASKS]
-  if unknown or not tasks:
-    raise config_lib.ConfigError(f"--tasks: unknown task(s) {unknown} (known: {', '.join(TASKS)})")
-  if not have_images and any(t in ("mmu", "t2i") for t in tasks):
-    raise config_lib.ConfigError("--tasks mmu / t2i need the image tokenizer: pass --magvit CKPT or "
-                                 "--config.data.image_tokenizer=CKPT")
-  return tasks
-
-
-def _outputs(args, sampler_step: int | None) -> dict[str, str]:
-  if args.out:
-    json_path = args.out
-  elif args.workdir:
-    json_path = os.path.join(args.workdir, "eval", f"toyworld_step{sampler_step}.json")
-  else:
-    json_path = "toyworld_eval.json"
-  stem = json_path[:-5] if json_path.endswith(".json") else json_path
-  return {"json": json_path, "md": stem + ".md", "png": stem + "_t2i.png"}
-
-
-def _check_free(paths: dict[str, str], overwrite: bool) -> None:
-  taken = [p for p in paths.values() if os.path.exists(p)]
-  if taken and not overwrite:
-    raise config_lib.ConfigError(f"output exists: {', '.join(taken)} (choose --out elsewhere or pass --overwrite)")
-
-
-def main_eval(argv: list[str]) -> int:
-  """Entry point of `mmada-jax eval`; returns the exit status."""
-  from mmada_jax.diffusion import sample_cli
-
-  path, overrides, rest = config_lib.split_config_args(argv)
-  args = _parser().parse_args(rest)
-  if path is None:
-    raise config_lib.ConfigError("--config FILE is required (the experiment file the checkpoint was trained with)")
-  config = config_lib.load_config(path, overrides)
-  tasks = _tasks(args.tasks, config, args.magvit)
-  if args.count < 1 or args.batch_size < 1 or args.start < 0:
-    raise config_lib.ConfigError("--count and --batch_size must be >= 1, --start >= 0")
-  if (args.params is None) == (args.workdir is None):
-    raise config_lib.ConfigError("give the model weights with exactly one of --params CKPT or --workdir DIR")
-  step = args.step
-  if args.workdir and step is None:
-    steps = sample_cli.training_steps(args.workdir)
-    step = steps[-1] if steps else None
-  outputs = _outputs(args, step)
-  _check_free(outputs, args.overwrite)
-  log = lambda msg: print(msg, file=sys.stderr, flush=True)
-  sampler = sample_cli.Sampler.load(config, params=args.params, workdir=args.workdir, step=args.step,
-                                    magvit=args.magvit, need_images=any(t != "text" for t in tasks), log=log)
-  clip = None
-  if args.clip:
-    from mmada_jax.rl import rewards
-
-    if "t2i" not in tasks:
-      raise config_lib.ConfigError("--clip scores text-to-image samples: add t2i to --tasks")
-    clip = rewards.load_clip(args.clip)
-  options = EvalOptions(tasks=tasks, count=args.count, start=args.start, batch_size=args.batch_size,
-                        seed=config.seed if args.seed is None else args.seed, text_format=args.text_format, clip=clip)
-  result, grid = evaluate(sampler, options, log=log)
-  print(format_table(result))
-  written = write_outputs(result, grid, outputs, f"ToyWorld evaluation: {result['checkpoint'].get('source')}")
-  log("wrote " + ", ".join(written))
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main_eval(sys.argv[1:]))

@@ -38,9 +38,12 @@ import json
 import os
 import sys
 
+import jax
+
 from mmada_jax import config as config_lib
 from mmada_jax.bench import common, workloads
 from mmada_jax.bench.common import BenchError
+from mmada_jax.cli import common as cli_common
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                            "experiments")
@@ -59,8 +62,7 @@ OFFICIAL_WORKLOADS = ("train", "generate")
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="mmada-jax bench", description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  p = cli_common.parser("bench", __doc__, epilog=True)
   p.add_argument("workload", choices=sorted(workloads.WORKLOADS))
   p.add_argument("--json", action="store_true", help="print one JSON object (the log goes to stderr)")
   p.add_argument("--repeats", type=int, help="timed calls per round (default: train 10, rl 5, magvit 5, others 3)")
@@ -96,7 +98,7 @@ def _load(args, path: str | None, overrides: dict[str, str]):
 
 def run(argv: list[str], log=None) -> dict:
   """Runs one workload; returns the report (what --json prints)."""
-  path, overrides, rest = config_lib.split_config_args(argv)
+  path, overrides, rest = cli_common.split_config_args(argv)
   args = _parser().parse_args(rest)
   log = log or (lambda msg: print(msg, file=sys.stderr if args.json else sys.stdout, flush=True))
   repeats, warmup = DEFAULT_REPEATS[args.workload]
@@ -112,8 +114,6 @@ def run(argv: list[str], log=None) -> dict:
     log(f"note: {env['device_count']} CPU devices (XLA_FLAGS={env['xla_flags']!r}); the bench uses the first one")
   fn = workloads.WORKLOADS[args.workload]
   if args.profile:
-    import jax
-
     with jax.profiler.trace(args.profile):
       report = fn(config, args, log)
   else:
@@ -148,7 +148,7 @@ def _summary(report: dict) -> str:
   return "\n".join(lines)
 
 
-def main_bench(argv: list[str]) -> int:
+def main(argv: list[str]) -> int:
   """Entry point of `mmada-jax bench`; returns the exit status."""
   report = run(argv)
   if "--json" in argv:
@@ -156,7 +156,3 @@ def main_bench(argv: list[str]) -> int:
   else:
     print(_summary(report))
   return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main_bench(sys.argv[1:]))

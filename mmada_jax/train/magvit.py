@@ -27,6 +27,8 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mmada_jax import checkpoint as ckpt
+from mmada_jax.convert import magvit as conv
+from mmada_jax.data import toyworld as tw, toyworld_checkers as checkers
 from mmada_jax.models import image_io
 from mmada_jax.models import magvit as mv
 from mmada_jax.parallel import mesh as mesh_lib
@@ -130,8 +132,6 @@ def reconstruct(params: Any, model: mv.MagvitV2, images: np.ndarray, batch: int 
 
 def toyworld_images(config, split: str, count: int, start: int = 0) -> tuple[np.ndarray, list[dict]]:
   """`count` ToyWorld records of `split` -> (float32 [count, S, S, 3] in [-1, 1], the records)."""
-  from mmada_jax.data import toyworld as tw
-
   world = tw.ToyWorld.from_config(config)
   records = [world.example(split, start + i) for i in range(count)]
   images = np.stack([r["image"] for r in records]).astype(np.float32) / np.float32(127.5) - np.float32(1.0)
@@ -215,8 +215,6 @@ def train(config, workdir: str, *, images: np.ndarray | None = None, log: Callab
 
 def save_trained_params(path: str, params: Any, cfg: mv.MagvitConfig, step: int) -> None:
   """Writes a `kind: "magvit"` parameter checkpoint (readable by convert.magvit.load_magvit / export_magvit)."""
-  from mmada_jax.convert import magvit as conv
-
   meta = {"kind": "magvit", "magvit": {**cfg.arch_dict(), **conv.structure_of(cfg)},
           "source": {"format": "trained", "step": step}, "export": {}}
   ckpt.save_params(path, params, meta, overwrite=True)
@@ -227,9 +225,6 @@ def evaluate(config, params: Any, *, count: int | None = None, out_png: str | No
 
   Returns {"psnr", "scene_acc_original", "scene_acc_recon", "ratio", "codes_used", "count"}.
   """
-  from mmada_jax.data import toyworld as tw
-  from mmada_jax.data import toyworld_checkers as checkers
-
   cfg = mv.MagvitConfig.from_config(config.magvit)
   count = count or int(config.magvit.train.eval_images)
   images, records = toyworld_images(config, "test", count)
@@ -246,35 +241,3 @@ def evaluate(config, params: Any, *, count: int | None = None, out_png: str | No
   return {"psnr": float(np.asarray(psnr(jnp.asarray(images), jnp.asarray(recon))).mean()),
           "scene_acc_original": acc_o, "scene_acc_recon": acc_r, "ratio": acc_r / acc_o if acc_o else float("nan"),
           "codes_used": int(len(np.unique(np.asarray(indices)))), "count": count}
-
-
-def main(argv: list[str] | None = None) -> int:
-  """`python -m mmada_jax.models.magvit_train --config FILE --workdir DIR [--config.a.b=V ...]`: train, then evaluate
-  on held-out ToyWorld images (PSNR, checker rates) and write `DIR/recon.png` (originals next to reconstructions)."""
-  import argparse
-  import json
-  import sys
-
-  from mmada_jax import config as config_lib
-
-  path, overrides, rest = config_lib.split_config_args(list(sys.argv[1:] if argv is None else argv))
-  parser = argparse.ArgumentParser(prog="magvit_train")
-  parser.add_argument("--workdir", required=True, help="checkpoints (state/, params/) and recon.png go here")
-  parser.add_argument("--eval_only", action="store_true", help="evaluate the parameters in WORKDIR/params")
-  args = parser.parse_args(rest)
-  if path is None:
-    parser.error("--config FILE is required (e.g. experiments/magvit_toyworld.py)")
-  config = config_lib.load_config(path, overrides)
-  if args.eval_only:
-    from mmada_jax.convert import magvit as conv
-
-    params, _ = conv.load_magvit(os.path.join(args.workdir, "params"), config.magvit)
-  else:
-    params = train(config, args.workdir, log=lambda s: print(s, flush=True))["params"]
-  result = evaluate(config, params, out_png=os.path.join(args.workdir, "recon.png"))
-  print(json.dumps(result), flush=True)
-  return 0
-
-
-if __name__ == "__main__":
-  raise SystemExit(main())

@@ -13,7 +13,7 @@ from mmada_jax import config as config_lib
 from mmada_jax.convert import magvit as cm
 from mmada_jax.convert import safetensors_io as st
 from mmada_jax.models import magvit as mv
-from mmada_jax.models import magvit_train as mt
+from mmada_jax.train import magvit as mt
 
 EXPERIMENTS = os.path.join(os.path.dirname(__file__), os.pardir, "experiments")
 
