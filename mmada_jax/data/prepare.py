@@ -85,8 +85,8 @@ class _Job:
         "task": task, "source": prepared.source_identity(spec, variant, split, len(self.source), config),
         "limit": limit, "shard_size": shard_size, "num_shards": self.num_shards, "vocab": prepared.vocab_facts(config),
         "text_tokenizer": prepared.text_tokenizer_identity(tokenizer), "layout": prepared.layout_facts(config, task),
-        "image_tokenizer": {"param_sha256": prepared.params_sha256(self.image_tokenizer.params), "magvit": prepared.magvit_arch(config),
-                            "codebook_size": int(config.vocab.codebook_size),
+        "image_tokenizer": {"param_sha256": prepared.params_sha256(self.image_tokenizer.params),
+                            "magvit": prepared.magvit_arch(config), "codebook_size": int(config.vocab.codebook_size),
                             "num_image_tokens": int(config.vocab.num_image_tokens)},
     }
     codebook = int(config.vocab.codebook_size)

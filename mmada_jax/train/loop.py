@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from mmada_jax import checkpoint as ckpt, config as config_lib
+from mmada_jax.eval import periodic
 from mmada_jax.models import llada
 from mmada_jax.parallel import mesh as mesh_lib, partitioning, rules as rules_lib
 from mmada_jax.train import faults, flops as flops_lib, metrics_io, optim, state as state_lib, step as step_lib
@@ -187,23 +188,14 @@ def train(run: Run, log: Callable[[str], None] = print, progress: bool = True) -
   config = run.config
   total, start = int(config.train.steps), int(jax.device_get(run.state.step))
   run.guard = run.guard or faults.NumericsGuard.from_config(config.train)
-  writer = metrics_io.MetricsWriter(run.workdir, tensorboard=bool(config.train.tensorboard),
-                                    resumed_from=start if start > 0 else -1)
-  if start == 0:
-    with open(os.path.join(run.workdir, "config.json"), "w") as f:
-      json.dump(config_json(config), f, indent=2)
+  writer = _start_writer(run, start)
   peak = flops_lib.peak_flops_per_device(float(config.train.peak_tflops))
-  if start == 0 and config.train.eval_batches > 0:
-    writer.write(0, evaluate(run))  # the value at initialisation, the start of the held-out curve
   bar = metrics_io.progress(total, start, enabled=progress)
   pending, last = None, {}
   t_prev = time.perf_counter()
   finish = lambda p: _finish(p, run, peak, writer, bar, log)
-  sampler = None
-  if int(config.train.sample_every):
-    from mmada_jax.eval import periodic
-
-    sampler = periodic.PeriodicSampler(config, run.model, run.workdir, log=log)
+  sampler = periodic.PeriodicSampler(config, run.model, run.workdir, log=log) if int(config.train.sample_every) \
+      else None
   try:
     with faults.StopRequest(log) as stop:
       for step in range(start, total):
@@ -216,32 +208,11 @@ def train(run: Run, log: Callable[[str], None] = print, progress: bool = True) -
         now = time.perf_counter()
         pending = (step + 1, metrics, now - t_prev, _tokens(local) * jax.process_count(), local)
         t_prev = now
-        done, every = step + 1, int(config.train.eval_every)
-        faults.inject("sigterm", done)
-        evaluate_now = config.train.eval_batches > 0 and ((every and done % every == 0) or done == total)
-        save_now = done % int(config.checkpoint.save_every_steps) == 0 or done == total
-        sample_now = sampler is not None and sampler.due(done, total)
-        if evaluate_now or save_now or sample_now or stop.requested:  # this step's rows precede its checkpoint
+        faults.inject("sigterm", step + 1)
+        due = _due(config, step + 1, sampler, stop.requested)
+        if any(due.values()):  # this step's rows precede its evaluation and checkpoint
           last, pending = finish(pending), None
-        if evaluate_now:
-          scores = evaluate(run)
-          writer.write(done, scores)
-          last.update(scores)
-        if sample_now:
-          with partitioning.axis_rules(run.mesh, run.rules):
-            scores = sampler(done, run.state.params)
-          writer.write(done, scores)
-          last.update(scores)
-        if save_now or stop.requested:
-          run.checkpointer.save(done, run.state, _data_state(run), config_json(config),
-                                force=done == total or stop.requested)
-          faults.inject("kill_after_save", done)
-        if stop.requested and done < total:
-          run.checkpointer.wait()
-          message = (f"stopped by SIGTERM after step {done}: checkpoint written to "
-                     f"{run.checkpointer.step_dir(done)}; rerun the same command to resume")
-          log(message)
-          raise faults.Preempted(message)
+          last.update(_after_step(run, step + 1, due, sampler, writer, log))
       if pending is not None:
         last = finish(pending)
   finally:
@@ -249,6 +220,55 @@ def train(run: Run, log: Callable[[str], None] = print, progress: bool = True) -
     bar.close()
     writer.close()
   return last
+
+
+def _start_writer(run: Run, start: int) -> metrics_io.MetricsWriter:
+  """The metrics writer of a run starting (or resuming) at `start`; a new run also gets WORKDIR/config.json and the
+  held-out evaluation at initialisation (the start of the held-out curve)."""
+  config = run.config
+  writer = metrics_io.MetricsWriter(run.workdir, tensorboard=bool(config.train.tensorboard),
+                                    resumed_from=start if start > 0 else -1)
+  if start == 0:
+    with open(os.path.join(run.workdir, "config.json"), "w") as f:
+      json.dump(config_json(config), f, indent=2)
+    if config.train.eval_batches > 0:
+      writer.write(0, evaluate(run))
+  return writer
+
+
+def _due(config, done: int, sampler, stop: bool) -> dict[str, bool]:
+  """What runs after step `done`: held-out evaluation, periodic samples, a checkpoint, a stop (SIGTERM)."""
+  total, every = int(config.train.steps), int(config.train.eval_every)
+  return {"evaluate": config.train.eval_batches > 0 and ((every and done % every == 0) or done == total),
+          "sample": sampler is not None and sampler.due(done, total),
+          "save": done % int(config.checkpoint.save_every_steps) == 0 or done == total,
+          "stop": stop}
+
+
+def _after_step(run: Run, done: int, due: dict[str, bool], sampler, writer, log) -> dict:
+  """Runs what `due` asks after step `done`; returns the scores written. Raises `faults.Preempted` on a stop before
+  the last step, once the checkpoint is written."""
+  config, scores = run.config, {}
+  total = int(config.train.steps)
+  if due["evaluate"]:
+    scores.update(evaluate(run))
+    writer.write(done, scores)
+  if due["sample"]:
+    with partitioning.axis_rules(run.mesh, run.rules):
+      samples = sampler(done, run.state.params)
+    writer.write(done, samples)
+    scores.update(samples)
+  if due["save"] or due["stop"]:
+    run.checkpointer.save(done, run.state, _data_state(run), config_json(config),
+                          force=done == total or due["stop"])
+    faults.inject("kill_after_save", done)
+  if due["stop"] and done < total:
+    run.checkpointer.wait()
+    message = (f"stopped by SIGTERM after step {done}: checkpoint written to {run.checkpointer.step_dir(done)}; "
+               "rerun the same command to resume")
+    log(message)
+    raise faults.Preempted(message)
+  return scores
 
 
 def _data_state(run: Run) -> dict:
