@@ -1,4 +1,4 @@
-"""UniGRPO for text-to-image (`rl.task = "t2i"`): ToyWorld drawing prompts, MaskGIT rollouts, image rewards.
+"""UniGRPO for text-to-image (`rl.task = "t2i"`): MaskGIT rollouts of drawing prompts, image rewards.
 
 A t2i rollout row is the sampler's own layout `[iPAD]* <|t2i|> BOS text EOS <|soi|> img_1..img_N <|eoi|>`, split
 into the prompt (everything up to and including `<|soi|>`, P = L − N − 1 positions, its padding mask the sampler's)
@@ -11,19 +11,20 @@ Rollouts use the t2i sampler with the config's `sampling.image` settings (steps,
 temperature) and classifier-free guidance `sampling.image.guidance_scale`; the log-probabilities are those of the
 conditional model. With guidance > 0 the rollouts are therefore drawn from a sharper distribution than the one the
 ratio is taken of (MMaDA's paper does not say how its t2i rollouts were drawn);
-`--config.sampling.image.guidance_scale=0` makes them exactly on-policy. Rewards read the decoded images (`rl.rewards`: `t2i_checker`, `t2i_attributes`, `clip`,
-`image_reward`); the held-out evaluation draws the test split's prompts with a fixed key and scores them the same way.
+`--config.sampling.image.guidance_scale=0` makes them exactly on-policy. Rewards read the decoded images
+(`rl.rewards`: `t2i_checker`, `t2i_attributes`, `clip`, `image_reward`); the held-out evaluation draws the test
+split's prompts with a fixed key and scores them the same way. The drawing prompts themselves come from
+`rl/prompts.py` (`draw_record`).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import numpy as np
 
-from mmada_jax.data import toyworld as tw
+from mmada_jax.config import ConfigError
 from mmada_jax.diffusion import sampling_image as si
+from mmada_jax.inference.image_tokenizer import ImageTokenizer, load_image_tokenizer
 from mmada_jax.parallel import partitioning
 from mmada_jax.tokens import prompting
 
@@ -47,14 +48,9 @@ def settings(config) -> si.ImageSampling:
   return si.ImageSampling.from_config(config.sampling.image)
 
 
-def draw_record(world: tw.ToyWorld, split: str, index: int, tokenizer) -> dict:
-  """A ToyWorld drawing prompt as an RL prompt record (the record itself goes to the image rewards)."""
-  r = world.example(split, index, render_image=False)
-  return {"id": r["id"], "prompt_ids": tokenizer.encode(r["draw_prompt"]), "prompt": r["draw_prompt"], "record": r}
-
-
-def rollout(run, records: list[dict], key, images) -> dict:
-  """One image per record → prompt ids/mask [B, P], responses [B, C] (numpy) and samples with decoded images."""
+def rollout(run, records: list[dict], key: jax.Array, images: ImageTokenizer) -> dict:
+  """One image per record → prompt ids/mask [B, P], responses [B, C] (numpy) and samples with decoded images.
+  `run` is the `setup.RLRun` (its config, mesh, rules, model, policy state and vocabulary)."""
   prompter = prompting.Prompter.from_config(run.config)
   layouts = prompting.stack([prompter.t2i_gen(r["prompt_ids"]) for r in records])
   ids, valid = layouts["input_ids"], layouts["valid_mask"]
@@ -81,8 +77,6 @@ def positions(response: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def check(config) -> None:
   """Refuses t2i RL settings that cannot work, naming the key."""
-  from mmada_jax.config import ConfigError
-
   r = config.rl
   if not config.data.image_tokenizer:
     raise ConfigError("rl.task='t2i' decodes its rollouts for the image rewards: set data.image_tokenizer to the "
@@ -92,7 +86,5 @@ def check(config) -> None:
     raise ConfigError(f"rl.task='t2i': rl.rewards {list(wrong)} are text rewards; use image ones {IMAGE_REWARDS}")
 
 
-def image_tokenizer(config, log) -> Any:
-  from mmada_jax.diffusion import sample_cli
-
-  return sample_cli.load_image_tokenizer(config, config.data.image_tokenizer, log)
+def image_tokenizer(config, log) -> ImageTokenizer:
+  return load_image_tokenizer(config, config.data.image_tokenizer, log)
