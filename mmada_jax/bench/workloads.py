@@ -235,35 +235,40 @@ def bench_text(config, batches: list[int], variants: list[str], args, log=print)
         official_times[b] += res[str(b)]["times_s"]
         official_tokens[b] = np.asarray(res[str(b)]["tokens"])
         log(f"official generate batch {b} round {r + 1}: median {np.median(res[str(b)]['times_s']):.3f} s")
-  results = []
-  for (variant, b), (settings, compiled) in programs.items():
-    out = outputs[variant, b]
-    calls, blocks = int(out["calls"]), int(out["blocks"])
-    med = float(np.median(times[variant, b]))
-    flops = generate_flops(config.model, settings, b, args.prompt_len, calls, blocks)
-    variant_dtype = jnp.dtype(variant_model(model, variant).args.dtype).name  # MFU against the variant's own dtype
-    variant_peak = common.device_peak(variant_dtype, float(config.train.peak_tflops))
-    res = _case(f"{variant}_b{b}", compiled, times[variant, b], variant_peak, flops, variant=variant, batch=b,
-                first_call_s=compiled.compile_s, model_calls=calls, tokens_per_s=b * args.gen_length / med,
-                calls_per_s=calls / med)
-    tokens = np.asarray(out["tokens"])[:, args.prompt_len:]
-    if ("exact", b) in outputs:
-      exact = np.asarray(outputs["exact", b]["tokens"])[:, args.prompt_len:]
-      res["tokens_match_exact"] = float(np.mean(tokens == exact))
-    if runner is not None:
-      from mmada_jax.bench.official import ratio_summary
-
-      res["official"] = ratio_summary(times[variant, b], official_times[b])
-      res["official"]["tokens_match_official"] = float(np.mean(tokens == official_tokens[b][:, args.prompt_len:]))
-    log(f"{variant:>24} batch {b:>3}: {med:8.3f} s median of {len(times[variant, b])} (compile "
-        f"{compiled.compile_s:.2f} s), {calls} model calls, {res['tokens_per_s']:.1f} tokens/s, "
-        f"{res['calls_per_s']:.2f} forward passes/s"
-        + (f", official {res['official']['official_median_s']:.3f} s = {res['official']['speedup']:.2f}x, tokens "
-           f"{res['official']['tokens_match_official']:.1%} identical" if runner is not None else ""))
-    results.append(res)
+  official = (official_times, official_tokens) if runner is not None else None
+  results = [_text_result(config, model, args, variant, b, settings, compiled, times[variant, b], outputs, official,
+                          log) for (variant, b), (settings, compiled) in programs.items()]
   if runner is not None:
     runner.close()
   return results
+
+
+def _text_result(config, model, args, variant: str, b: int, settings, compiled, times: list[float], outputs: dict,
+                 official: tuple[dict, dict] | None, log) -> dict:
+  """The case of one (variant, batch) of `bench_text`: timing, throughput, MFU, token agreement (with the exact
+  variant, and with the official sampler when `official` = (its times, its tokens) per batch)."""
+  out = outputs[variant, b]
+  calls, blocks = int(out["calls"]), int(out["blocks"])
+  med = float(np.median(times))
+  flops = generate_flops(config.model, settings, b, args.prompt_len, calls, blocks)
+  variant_dtype = jnp.dtype(variant_model(model, variant).args.dtype).name  # MFU against the variant's own dtype
+  variant_peak = common.device_peak(variant_dtype, float(config.train.peak_tflops))
+  res = _case(f"{variant}_b{b}", compiled, times, variant_peak, flops, variant=variant, batch=b,
+              first_call_s=compiled.compile_s, model_calls=calls, tokens_per_s=b * args.gen_length / med,
+              calls_per_s=calls / med)
+  tokens = np.asarray(out["tokens"])[:, args.prompt_len:]
+  if ("exact", b) in outputs:
+    exact = np.asarray(outputs["exact", b]["tokens"])[:, args.prompt_len:]
+    res["tokens_match_exact"] = float(np.mean(tokens == exact))
+  if official is not None:
+    res["official"] = ratio_summary(times, official[0][b])
+    res["official"]["tokens_match_official"] = float(np.mean(tokens == official[1][b][:, args.prompt_len:]))
+  log(f"{variant:>24} batch {b:>3}: {med:8.3f} s median of {len(times)} (compile "
+      f"{compiled.compile_s:.2f} s), {calls} model calls, {res['tokens_per_s']:.1f} tokens/s, "
+      f"{res['calls_per_s']:.2f} forward passes/s"
+      + (f", official {res['official']['official_median_s']:.3f} s = {res['official']['speedup']:.2f}x, tokens "
+         f"{res['official']['tokens_match_official']:.1%} identical" if official is not None else ""))
+  return res
 
 
 def parse_batches(text: str) -> list[int]:

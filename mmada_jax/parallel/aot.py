@@ -187,7 +187,7 @@ def rl_abstract_batch(config, mesh, rules, with_ref: bool) -> tuple[dict, dict]:
 
 def compile_rl_step(config, devices: list) -> tuple[list[Program], dict]:
   """Lowers and compiles UniGRPO's policy step and its old/reference log-probability precompute (rl/step.py) over
-  `devices`, as `rl/loop.py` jits them. The frozen reference parameters stay resident during the policy step, the
+  `devices`, as `rl/programs.py` jits them. The frozen reference parameters stay resident during the policy step, the
   optimiser state during the precompute: each report counts them."""
   from jax.sharding import NamedSharding, PartitionSpec
 

@@ -1,8 +1,10 @@
 """UniGRPO, the reinforcement-learning stage of MMaDA (specs/unigrpo.md).
 
 Modules: `schedule` (mask-ratio schedules), `masks` (per-sample masks), `objective` (log-probs, advantages, clipped
-surrogate + k3 KL), `step` (jitted precompute and policy step), `rewards` (pluggable reward components), `t2i` (the
-text-to-image task), `loop` (`mmada-jax rl`).
+surrogate + k3 KL), `step` (jitted precompute and policy step), `rewards` (pluggable reward components), `prompts`
+(prompt sources), `t2i` (the text-to-image task), `programs` (the compiled precompute and step of a run), `setup` (a
+run: mesh, state, reference, prompts, programs), `rollout` (rollouts, group selection, the step's batch), `evaluate`
+(held-out accuracy), `loop` (the RL loop behind `mmada-jax rl`).
 
 Decisions on what the paper leaves open (spec §8), all switchable in the `rl` config section:
   1. Schedule: Algorithm 1's formula (p_μ = 1; the §5.2 worked example contradicts it and is not followed), one start
