@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 FORMAT = "mmada-jax-params"
 FORMAT_VERSION = 1
@@ -99,7 +100,6 @@ def check_metadata(meta: Mapping[str, Any], expected: Mapping[str, Any], path: s
 def _tree_metadata(path: str) -> Any:
   """Shapes/dtypes of the saved params, as a tree of ShapeDtypeStruct-like metadata."""
   handler = ocp.PyTreeCheckpointHandler()
-  from etils import epath
 
   return handler.metadata(epath.Path(path) / "params").tree
 

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from mmada_jax.bench.common import BenchError
+from mmada_jax.convert import official as conv
 
 RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "official_runner.py")
 TIMED_COMMIT = "3cdb8709635beb29f66e4e23cd66060872ac3996"
@@ -66,8 +67,6 @@ def official_config(config) -> dict:
 
 def export_weights(params: Any, config, path: str) -> None:
   """Our parameters as the official state dict (.npz, float32)."""
-  from mmada_jax.convert import official as conv
-
   s = conv.shape_from_model_config(config.model)
   host = jax.tree.map(np.asarray, params)
   specs, produce = conv.tree_to_official(host, s)

@@ -11,16 +11,21 @@ alternating rounds.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmada_jax.bench import common
-from mmada_jax.bench.common import BenchError
-from mmada_jax.models import llada
-from mmada_jax.train import flops as flops_lib
+from mmada_jax.bench import common, official
+from mmada_jax.bench.official import ratio_summary
+from mmada_jax.config import ConfigError, head_dim
+from mmada_jax.diffusion import losses, sampling_image as si, sampling_text as st
+from mmada_jax.models import llada, magvit
+from mmada_jax.rl import masks, schedule, step as rl_step
+from mmada_jax.train import flops as flops_lib, optim, step as step_lib
+from mmada_jax.train.state import TrainState
 
 Options = Any  # the options of `mmada-jax bench` (an argparse namespace: workload flags, repeats, warmup, ...)
 
@@ -46,8 +51,6 @@ def _rounds(args) -> int:
 
 
 def _official_runner(args, params, config, log):
-  from mmada_jax.bench import official
-
   if not args.official:
     return None
   runner = official.OfficialRunner(args.official, args.official_python, params, config, threads=args.threads, log=log)
@@ -75,8 +78,6 @@ class FixedMaskObjective:
   code and ours the same masks; numerators and denominators are the MMaDA objective's (`diffusion.losses`)."""
 
   def __init__(self, config, model):
-    from mmada_jax.diffusion import losses
-
     self._objective = losses.Objective(config, model)
     self.coefficients = self._objective.coefficients
 
@@ -93,9 +94,6 @@ class FixedMaskObjective:
 
 def run_train(config, args, log) -> dict:
   """The masked-denoising train step (`train.step.make_train_step`, AdamW) on the fixtures' lm batch."""
-  from mmada_jax.train import optim, step as step_lib
-  from mmada_jax.train.state import TrainState
-
   model, params = _backbone(config)
   b, length = int(args.batch_size), int(args.seq_len)
   host = train_inputs(b, length, int(config.vocab.mask_id), float(config.loss.text_eps), int(config.seed))
@@ -133,8 +131,6 @@ def run_train(config, args, log) -> dict:
                useful_flops_per_call=flops_lib.train_step_flops(config.model, b, length, masked / b),
                first_loss=float(losses[0]), last_loss=float(losses[-1]))
   if runner is not None:
-    from mmada_jax.bench.official import ratio_summary
-
     case["official"] = dict(ratio_summary(times, official_times), first_loss=official_losses[0],
                             last_loss=official_losses[1])
     runner.close()
@@ -147,9 +143,6 @@ def run_train(config, args, log) -> dict:
 
 def text_settings(variant: str, args) -> Any:
   """`TextSampling` of a bench variant: "exact", "dual_cache", "threshold=P", "bf16" or several joined with "+"."""
-  from mmada_jax.config import ConfigError
-  from mmada_jax.diffusion import sampling_text as st
-
   extra = {}
   for part in filter(None, variant.split("+")):
     if part in ("exact", "bf16"):
@@ -165,8 +158,6 @@ def text_settings(variant: str, args) -> Any:
 
 def variant_model(model: llada.Transformer, variant: str) -> llada.Transformer:
   """The backbone of a variant: "bf16" computes in bfloat16 (fp32 accumulation, fp32 confidences; approximate)."""
-  import dataclasses
-
   if "bf16" not in variant.split("+"):
     return model
   return llada.Transformer(dataclasses.replace(model.args, dtype=jnp.bfloat16))
@@ -175,8 +166,6 @@ def variant_model(model: llada.Transformer, variant: str) -> llada.Transformer:
 def generate_flops(model_config, settings, batch: int, prompt_len: int, calls: int, blocks: int) -> float:
   """FLOPs of one generate call: full-sequence calls with the head on the block, and under `dual_cache` window calls
   (the block's K queries against L keys, head on the block)."""
-  from mmada_jax.config import head_dim
-
   length, k = prompt_len + settings.gen_length, settings.block_length
   full = flops_lib.forward_flops(model_config, length, k)
   if not settings.dual_cache:
@@ -188,8 +177,6 @@ def generate_flops(model_config, settings, batch: int, prompt_len: int, calls: i
 
 
 def _jit_generate(model, settings, mask_id: int) -> Callable:
-  from mmada_jax.diffusion import sampling_text as st
-
   return jax.jit(lambda params, prompt: st.generate(model, params, prompt, mask_id=mask_id, settings=settings))
 
 
@@ -214,7 +201,6 @@ def bench_text(config, batches: list[int], variants: list[str], args, log=print)
       f"{len(jax.devices())}")
   prompts = {b: np.random.default_rng(0).integers(0, mask_id, (b, args.prompt_len)).astype(np.int32) for b in batches}
   runner = _official_runner(args, params, config, log) if getattr(args, "official", None) else None
-  peak = common.device_peak(str(config.model.dtype), float(config.train.peak_tflops))
   programs = {}
   for variant in variants:
     settings = text_settings(variant, args)
@@ -225,7 +211,7 @@ def bench_text(config, batches: list[int], variants: list[str], args, log=print)
   outputs, official_times, official_tokens = {}, {b: [] for b in batches}, {}
   repeats, warmup = int(args.repeats), int(getattr(args, "warmup", 1))
   for r in range(_rounds(args) if runner is not None else 1):
-    for key, (settings, compiled) in programs.items():
+    for key, (_, compiled) in programs.items():
       times[key] += common.time_calls(_recording_call(compiled, params, jnp.asarray(prompts[key[1]]), outputs, key),
                                       repeats, warmup)
     if runner is not None:
@@ -272,8 +258,6 @@ def _text_result(config, model, args, variant: str, b: int, settings, compiled, 
 
 
 def parse_batches(text: str) -> list[int]:
-  from mmada_jax.config import ConfigError
-
   try:
     batches = [int(b) for b in text.split(",") if b]
   except ValueError:
@@ -323,8 +307,6 @@ def t2i_layouts(config, batch: int, seed: int) -> tuple[np.ndarray, np.ndarray, 
 
 def run_t2i(config, args, log) -> dict:
   """MaskGIT text-to-image token generation (`sampling_image.t2i_generate`, `sampling.image` settings)."""
-  from mmada_jax.diffusion import sampling_image as si
-
   model, params = _backbone(config)
   settings = si.ImageSampling.from_config(config.sampling.image)
   b = parse_batches(args.batch or "1")
@@ -358,8 +340,6 @@ def run_t2i(config, args, log) -> dict:
 def rl_batch(config, seed: int) -> dict[str, np.ndarray]:
   """A host RLBatch (`rl.step`) of random prompts ⊕ responses: rows = prompts_per_step × group_size, each response
   ending at a random position with EOS padding."""
-  from mmada_jax.rl import masks, schedule
-
   r, v = config.rl, config.vocab
   rows, p, c = int(r.prompts_per_step) * int(r.group_size), int(r.prompt_len), int(r.gen_length)
   rng = np.random.default_rng(seed)
@@ -378,22 +358,18 @@ def rl_batch(config, seed: int) -> dict[str, np.ndarray]:
 def run_rl(config, args, log) -> dict:
   """The UniGRPO policy step (`rl.step.make_policy_step`: K masks, clipped surrogate, k3 KL, AdamW) and the
   old/reference log-prob precompute, on one device."""
-  from mmada_jax.rl import step as step_lib
-  from mmada_jax.train import optim
-  from mmada_jax.train.state import TrainState
-
   model, params = _backbone(config)
   tx = optim.make_optimizer(config.optimizer)
-  s = step_lib.StepSettings.from_config(config)
+  s = rl_step.StepSettings.from_config(config)
   batch = {k: jnp.asarray(a) for k, a in rl_batch(config, int(config.rl.seed)).items()}
   with_ref = float(config.rl.kl_beta) > 0
-  pre = common.compile_aot(jax.jit(step_lib.make_precompute(model, s)), params, params if with_ref else None, batch)
+  pre = common.compile_aot(jax.jit(rl_step.make_precompute(model, s)), params, params if with_ref else None, batch)
   ref = jax.tree.map(lambda x: jnp.array(x, copy=True), params) if with_ref else None
   base = dict(batch)
   batch.update(pre.call(params, ref, base))
   pre_times = common.time_calls(lambda: pre.call(params, ref, base), int(args.repeats), int(args.warmup))
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-  step = common.compile_aot(jax.jit(step_lib.make_policy_step(model, tx, s), donate_argnums=0), state, batch,
+  step = common.compile_aot(jax.jit(rl_step.make_policy_step(model, tx, s), donate_argnums=0), state, batch,
                             jnp.int32(0))
   holder = [state]
 
@@ -422,8 +398,6 @@ def run_rl(config, args, log) -> dict:
 
 def run_magvit(config, args, log) -> dict:
   """MAGVIT-v2 encode (images -> codes) and decode (codes -> images) at the config's resolution."""
-  from mmada_jax.models import magvit
-
   cfg = magvit.MagvitConfig.from_config(config.magvit)
   model = magvit.MagvitV2(cfg)
   params = jax.device_put(magvit.init_params(cfg, int(config.seed)))

@@ -32,6 +32,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mmada_jax import checkpoint as ckpt
+from mmada_jax.config import head_dim, model_section
 from mmada_jax.convert import safetensors_io as st
 
 PREFIX = "model.transformer."
@@ -146,8 +147,6 @@ def shape_from_official_config(cfg: dict) -> Shape:
 
 
 def shape_from_model_config(m) -> Shape:
-  from mmada_jax.config import head_dim
-
   return Shape(num_layers=m.num_layers, d_model=m.d_model, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
                head_dim=head_dim(m), mlp_hidden=m.mlp_hidden, vocab_size=m.vocab_size, rope_theta=float(m.rope_theta),
                norm_eps=float(m.norm_eps))
@@ -155,8 +154,6 @@ def shape_from_model_config(m) -> Shape:
 
 def model_config_for(s: Shape, base=None):
   """A `config.model` section with the checkpoint's shape (other fields from `base` or the defaults)."""
-  from mmada_jax.config import model_section
-
   m = model_section() if base is None else base.copy_and_resolve_references()
   for k, v in s.as_dict().items():
     m[k] = v

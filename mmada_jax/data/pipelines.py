@@ -26,14 +26,13 @@ from collections import Counter
 from typing import Any, Sequence
 
 import grain
+import jax
 import numpy as np
 
 from mmada_jax import config as config_lib
-from mmada_jax.data import prepared, records, sources as src_lib
+from mmada_jax.data import prepared, records, sources as src_lib, toyworld as tw
 from mmada_jax.data.records import Bad, Context, ImageEncoder
-from mmada_jax.data import toyworld as tw
-from mmada_jax.tokens import prompting
-from mmada_jax.tokens import text_tokenizer as tt
+from mmada_jax.tokens import prompting, text_tokenizer as tt
 
 TASKS = ("t2i", "lm", "mmu")
 TOYWORLD_VARIANTS = {"t2i": ("draw",), "lm": ("text", "chat"), "mmu": ("qa", "cot")}
@@ -351,7 +350,6 @@ def build_iterator(config, tokenizer: tt.TextTokenizer, image_encoder: ImageEnco
     read_options: grain read threads / prefetch (default: `data.read_threads`, `data.prefetch_buffer`).
   """
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=import-outside-toplevel
     process_index, process_count = jax.process_index(), jax.process_count()
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} outside [0, {process_count})")

@@ -40,10 +40,12 @@ import sys
 from collections import Counter
 from typing import Any, Callable
 
+import grain
 import numpy as np
+from array_record.python import array_record_module
+from tqdm import tqdm
 
-from mmada_jax.data import pipelines
-from mmada_jax.data import prepared, sources as src_lib
+from mmada_jax.data import pipelines, prepared, sources as src_lib
 from mmada_jax.data.tokenizer import shared_tokenizer
 from mmada_jax.inference.image_tokenizer import load_image_tokenizer
 
@@ -123,8 +125,6 @@ def _parts(raw: dict, ctx: pipelines.Context) -> tuple[dict[str, Any], list[str]
 
 def _shard_records(job: _Job, k: int):
   """(source index, parts, notes) of shard k in index order, decoded by grain threads (`data.read_threads`)."""
-  import grain  # pylint: disable=import-outside-toplevel
-
   start, stop = job.bounds(k)
   ds = grain.MapDataset.source(job.source)[start:stop].map(functools.partial(_parts, ctx=job.ctx))
   threads = int(job.config.data.read_threads)
@@ -135,8 +135,6 @@ def _shard_records(job: _Job, k: int):
 
 def _write_shard(job: _Job, k: int, path: str, bar) -> dict[str, Any]:
   """Writes shard k to `path`; returns its manifest entry (counts) and its skipped records."""
-  from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
-
   start, stop = job.bounds(k)
   entry = {"shard": k, "file": os.path.basename(job.shard_path(k)), "first": start, "stop": stop, "records": 0}
   skipped, converted, pending = [], Counter(), []  # pending: records waiting for a full batch of images
@@ -270,8 +268,6 @@ def _manifest(job: _Job, done: dict[int, dict], complete: bool) -> dict[str, Any
 def run(job: _Job, progress: bool = True, after_shard: Callable[[int], None] | None = None) -> dict[str, Any]:
   """Writes the missing shards of `job` and returns the final manifest. `after_shard(k)` runs after each published
   shard (tests use it to interrupt a run)."""
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-
   os.makedirs(job.out, exist_ok=True)
   with _locked(job.out):
     done = _start(job)

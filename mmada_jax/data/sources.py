@@ -34,7 +34,14 @@ import tarfile
 import warnings
 from typing import Any, Sequence
 
+import grain
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from flax import serialization
+from PIL import Image
+
+from mmada_jax.models import image_io
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 CAPTION_EXTS = (".txt", ".caption", ".json")
@@ -133,9 +140,6 @@ class ParquetSource:
   """Rows of Parquet files, read one row group at a time (the last one is cached)."""
 
   def __init__(self, pattern: str, columns: Sequence[str] | None = None, strict: bool = False):
-    import pyarrow as pa  # pylint: disable=import-outside-toplevel
-    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
-
     self.files = expand(pattern)
     self.columns = list(columns) if columns else None
     self.groups: list[tuple[int, int]] = []  # (file number, row group)
@@ -160,8 +164,6 @@ class ParquetSource:
     return self.total
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
-
     g = bisect.bisect_right(self.starts, index) - 1
     if self._cache is None or self._cache[0] != g:
       f, group = self.groups[g]
@@ -266,10 +268,12 @@ class TfdsSource:
   """A prepared tensorflow-datasets data set read through `tfds.data_source` (random access over ArrayRecord)."""
 
   def __init__(self, name: str, split: str, data_dir: str | None = None, label_file: str | None = None):
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    # Imported here, the one exception to module-level imports: tensorflow-datasets takes seconds to import and only
+    # `tfds:` sources need it (importing toyworld_tfds registers the ToyWorld builder with it).
+    import tensorflow_datasets as tfds
 
-    if name.split("/")[0] in ("toy_world", "toyworld"):  # registers the ToyWorld builder with tfds
-      from mmada_jax.data import toyworld_tfds  # pylint: disable=import-outside-toplevel,unused-import
+    if name.split("/")[0] in ("toy_world", "toyworld"):
+      from mmada_jax.data import toyworld_tfds  # noqa: F401
       name = "toy_world" + name[len(name.split("/")[0]):]
     self.name, self.split = name, split
     self.source = tfds.data_source(name, split=split, data_dir=data_dir or None)
@@ -319,8 +323,6 @@ class TokenShardSource:
   """
 
   def __init__(self, root: str):
-    import grain  # pylint: disable=import-outside-toplevel
-
     self.root = os.path.abspath(os.path.expanduser(root))
     self.manifest = read_token_manifest(self.root)
     shards = self.manifest["shards"]
@@ -365,14 +367,10 @@ def read_token_manifest(root: str) -> dict[str, Any]:
 
 def encode_token_record(record: dict[str, Any]) -> bytes:
   """One prepared record -> bytes: a msgpack map (flax.serialization; arrays keep dtype and shape)."""
-  from flax import serialization  # pylint: disable=import-outside-toplevel
-
   return serialization.msgpack_serialize(record)
 
 
 def decode_token_record(data: bytes) -> dict[str, Any]:
-  from flax import serialization  # pylint: disable=import-outside-toplevel
-
   return serialization.msgpack_restore(data)
 
 
@@ -413,9 +411,6 @@ def decode_image(data: Any, record_id: str, resolution: int, notes: list[str] | 
   code as inference's `image_io.preprocess`): torchvision's Resize(resolution, BICUBIC) + CenterCrop(resolution)
   (mmada-official.md §2.6). Unreadable or truncated files are bad records.
   """
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-
-  from mmada_jax.models import image_io  # pylint: disable=import-outside-toplevel
 
   notes = notes if notes is not None else []
   if isinstance(data, np.ndarray):
@@ -433,8 +428,6 @@ def decode_image(data: Any, record_id: str, resolution: int, notes: list[str] | 
 
 
 def _array_to_pil(data: np.ndarray, record_id: str, notes: list[str]):
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-
   if data.ndim == 3 and data.shape[-1] == 1:
     data = data[..., 0]
   if data.ndim not in (2, 3) or (data.ndim == 3 and data.shape[-1] not in (3, 4)):
@@ -447,8 +440,6 @@ def _array_to_pil(data: np.ndarray, record_id: str, notes: list[str]):
 
 
 def _to_rgb(image, notes: list[str]):
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-
   mode = image.mode
   if mode == "RGB":
     return image

@@ -18,9 +18,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import topologies
+from jax.sharding import NamedSharding, PartitionSpec
 
 from mmada_jax import config as config_lib
+from mmada_jax.diffusion.losses import Objective
+from mmada_jax.models import llada
 from mmada_jax.parallel import mesh as mesh_lib, partitioning, rules as rules_lib
+from mmada_jax.rl import step as rl_step
+from mmada_jax.train import flops as flops_lib, optim, state as state_lib, step as step_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +83,6 @@ def tpu_devices(name: str, num_slices: int = 1) -> tuple[list, Chip]:
   # Compile-only devices need no exclusive hold of a chip: don't fail when another process has libtpu loaded.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{chip.generation}-{math.prod(grid) * chip.cores_per_chip}")
-  from jax.experimental import topologies
 
   kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
   try:
@@ -135,9 +140,6 @@ def for_devices(config, devices: list):
 
 def _model_state(config, devices: list):
   """(mesh, rules, model, optimiser, abstract sharded state, state shardings) of `config` over `devices`."""
-  from mmada_jax.models import llada
-  from mmada_jax.train import optim, state as state_lib
-
   mesh = mesh_lib.create_mesh(config.sharding, devices)
   rules = rules_lib.resolve_rules(config.sharding.preset, dict(config.sharding.rule_overrides))
   model = llada.build_model(config.model)
@@ -148,9 +150,6 @@ def _model_state(config, devices: list):
 
 def compile_train_step(config, devices: list) -> tuple[list[Program], dict]:
   """Lowers and compiles the configured train step over `devices` as `train/loop.py` jits it."""
-  from mmada_jax.diffusion.losses import Objective
-  from mmada_jax.train import flops as flops_lib, optim, step as step_lib
-
   config = for_devices(config, devices)
   mesh, rules, model, tx, abstract, shardings = _model_state(config, devices)
   hooks = Objective(config, model)
@@ -168,8 +167,6 @@ def compile_train_step(config, devices: list) -> tuple[list[Program], dict]:
 def rl_abstract_batch(config, mesh, rules, with_ref: bool) -> tuple[dict, dict]:
   """(RL batch before the precompute, the same with the old / reference log-probabilities) as sharded
   ShapeDtypeStructs: rows B = rl.prompts_per_step * rl.group_size, prompt rl.prompt_len, response rl.gen_length."""
-  from mmada_jax.rl import step as rl_step
-
   r = config.rl
   b, c = int(r.prompts_per_step) * int(r.group_size), int(r.gen_length)
   mu, k, t = int(r.inner_steps), int(r.masks_per_step), int(r.prompt_len) + c
@@ -189,10 +186,6 @@ def compile_rl_step(config, devices: list) -> tuple[list[Program], dict]:
   """Lowers and compiles UniGRPO's policy step and its old/reference log-probability precompute (rl/step.py) over
   `devices`, as `rl/programs.py` jits them. The frozen reference parameters stay resident during the policy step, the
   optimiser state during the precompute: each report counts them."""
-  from jax.sharding import NamedSharding, PartitionSpec
-
-  from mmada_jax.rl import step as rl_step
-  from mmada_jax.train import flops as flops_lib, optim
 
   config = for_devices(config, devices)
   mesh, rules, model, tx, abstract, shardings = _model_state(config, devices)

@@ -7,6 +7,7 @@ from typing import Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 from mmada_jax.parallel import rules as rules_lib
@@ -45,13 +46,9 @@ def create_mesh(sharding_config, devices: Sequence[jax.Device] | None = None) ->
   ici = fill_sizes(rules_lib.mesh_sizes(sharding_config, "ici"), len(devices) // n_slices, "ici")
   axes = rules_lib.MESH_AXES
   if n_slices > 1:
-    from jax.experimental import mesh_utils
-
     grid = mesh_utils.create_hybrid_device_mesh([ici[a] for a in axes], [dcn[a] for a in axes], devices)
   else:
     try:
-      from jax.experimental import mesh_utils
-
       grid = mesh_utils.create_device_mesh([ici[a] for a in axes], devices)
     except (ValueError, NotImplementedError, AssertionError):
       grid = np.asarray(devices).reshape([ici[a] for a in axes])

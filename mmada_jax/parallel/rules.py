@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+from jax.sharding import PartitionSpec
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical names used by the model code.
@@ -119,8 +121,6 @@ def mesh_sizes(sharding_config, level: str) -> dict[str, int]:
 
 def logical_to_spec(names: Sequence[str | None], rules: Mapping[str, Rule]):
   """PartitionSpec for a tuple of logical names under `rules` (unknown names are replicated)."""
-  from jax.sharding import PartitionSpec
-
   parts = []
   for n in names:
     axes = rules.get(n, ()) if n is not None else ()

@@ -34,6 +34,7 @@ import re
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from PIL import Image
 
 from mmada_jax.data import toyworld_checkers as checkers
 from mmada_jax.eval import answers
@@ -187,8 +188,6 @@ def load_image_reward(model_dir: str) -> RewardFn:
                             download_root=path)
 
   def score(samples: Sequence[Sample]) -> np.ndarray:
-    from PIL import Image
-
     return np.array([model.score(str(_field(s, "prompt", "image_reward")),
                                  Image.fromarray(_field(s, "image", "image_reward"))) for s in samples], np.float32)
 

@@ -14,6 +14,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from mmada_jax.config import head_dim
+
 # Dense bf16 peak per chip / GPU (vendor data sheets), TFLOP/s.
 PEAK_TFLOPS = {
     "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0, "TPU v6 lite": 918.0,
@@ -23,8 +25,6 @@ PEAK_TFLOPS = {
 
 def per_token_flops(model_config) -> float:
   """FLOPs of the blocks' projections and MLPs for one token (attention scores and the head excluded)."""
-  from mmada_jax.config import head_dim
-
   m = model_config
   attn_proj = 2 * m.d_model * head_dim(m) * (2 * m.num_heads + 2 * m.num_kv_heads)  # q, out: heads; k, v: kv heads
   mlp = 2 * 3 * m.d_model * m.mlp_hidden
@@ -33,8 +33,6 @@ def per_token_flops(model_config) -> float:
 
 def forward_flops(model_config, length: int, head_positions: float) -> float:
   """FLOPs of one forward pass over one sequence of `length` tokens with the head at `head_positions` positions."""
-  from mmada_jax.config import head_dim
-
   m = model_config
   attention = m.num_layers * 4 * length * length * m.num_heads * head_dim(m)
   head = 2 * m.d_model * m.vocab_size * head_positions
