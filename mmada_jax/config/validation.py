@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
+# parallel.rules and tokens.prompting import no config module: the dependency goes one way (no cycle).
 from mmada_jax.config.defaults import ATTENTION_IMPLS, DTYPES, MATMUL_PRECISIONS, REMAT_POLICIES, ConfigDict
 from mmada_jax.config.errors import ConfigError
-# parallel.rules and tokens.prompting import no config module: the dependency goes one way.
 from mmada_jax.parallel import rules
 from mmada_jax.tokens import prompting
 
