@@ -18,7 +18,8 @@ def get_config(arg: str | None = None):
   v.text_vocab_size, v.llm_vocab_size, v.codebook_size, v.image_offset = 31016, 31016, 512, 31016
   v.mask_id = 31000
   v.bos_id, v.eos_id, v.pad_id, v.soi_id, v.eoi_id, v.sov_id, v.eov_id = 31001, 31002, 31002, 31003, 31004, 31005, 31006
-  v.t2i_id, v.mmu_id, v.t2v_id, v.v2v_id, v.lvg_id, v.ipad_id, v.r2i_id = 31007, 31008, 31009, 31010, 31011, 31012, 31013
+  v.t2i_id, v.mmu_id, v.t2v_id, v.v2v_id = 31007, 31008, 31009, 31010
+  v.lvg_id, v.ipad_id, v.r2i_id = 31011, 31012, 31013
   v.start_header_id, v.end_header_id, v.eot_id = 31014, 31015, 30999
   config.magvit.codebook_bits = 9
   # One head chunk for the whole gathered buffer (8 x 256 x 0.6 positions, ~160 MB of fp32 logits): no recomputation

@@ -2,8 +2,8 @@
 
 64 px ToyWorld images -> 16 x 16 = 256 codes of 10 bits (1,024 codes). The official MAGVIT-v2 layout (specs §2) at a
 small size: base width 16, three levels (x4 downsampling), one residual block per level, GroupNorm with 8 groups (the
-official 32 groups need widths of at least 32); the decoder is twice as wide as the encoder (channel multipliers 2, 4, 8)
-and trains on 20,000 images. x8 downsampling (64 codes) lost the colours within the same CPU budget.
+official 32 groups need widths of at least 32); the decoder is twice as wide as the encoder (channel multipliers 2, 4,
+8) and trains on 20,000 images. x8 downsampling (64 codes) lost the colours within the same CPU budget.
 Measured on 1,024 held-out test images (`python -m mmada_jax.models.magvit_train --config experiments/magvit_toyworld.py
 --workdir DIR`, 2 CPU cores partly shared with other jobs, batch 16): the default 2,500 steps (56 min) give PSNR
 33.2 dB and the ToyWorld scene checker passes 99.2 % of the reconstructions vs 100 % of the originals. The encoder-width

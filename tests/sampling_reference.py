@@ -254,7 +254,7 @@ def _text_setting(sd, cfg, ids, spec, rng, out, index):
 def _t2i_layout(ids, rng, b, s, n):
   """t2i_gen rows of random captions (lengths 1 .. S-2) and the null prompt, with their attention masks."""
   rows, masks = [], []
-  for j in range(b):
+  for _ in range(b):
     core = [ids["t2i"], ids["bos"]] + list(rng.integers(0, ids["n_plain"], rng.integers(1, s - 1))) + [ids["eos"]]
     prefix = [ids["ipad"]] * (s + 1 - len(core)) + core
     rows.append(prefix + [ids["soi"]] + [ids["mask"]] * n + [ids["eoi"]])

@@ -1,5 +1,6 @@
-"""The inference library (`mmada_jax.inference`) and `mmada-jax sample text|t2i|mmu` end to end on a tiny random backbone and a tiny random MAGVIT-v2 saved as
-checkpoints; the block-by-block text stream against the one-program sampler; presets; errors a user can make."""
+"""The inference library (`mmada_jax.inference`) and `mmada-jax sample text|t2i|mmu` end to end on a tiny random
+backbone and a tiny random MAGVIT-v2 saved as checkpoints; the block-by-block text stream against the one-program
+sampler; presets; errors a user can make."""
 
 import dataclasses
 import os

@@ -17,9 +17,11 @@ def test_eight_devices():
   assert jax.device_count() == 8
 
 
-@pytest.mark.parametrize("preset,overrides", [("fsdp", {}), ("fsdp_tp", {"sharding.ici.tensor": "2"}),
-                                              ("dp", {}), ("tp", {"model.num_heads": "8", "model.num_kv_heads": "8",
-                                                                  "model.mlp_hidden": "256", "model.vocab_size": "304"})])
+TP_SHAPE = {"model.num_heads": "8", "model.num_kv_heads": "8", "model.mlp_hidden": "256", "model.vocab_size": "304"}
+
+
+@pytest.mark.parametrize("preset,overrides", [("fsdp", {}), ("fsdp_tp", {"sharding.ici.tensor": "2"}), ("dp", {}),
+                                              ("tp", TP_SHAPE)])
 def test_sharded_forward_matches_unsharded(preset, overrides):
   config = config_lib.load_config(TINY, {"sharding.preset": preset, **overrides})
   model = llada.build_model(config.model)

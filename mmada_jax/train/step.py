@@ -4,8 +4,8 @@ Per step (Decisions 5 and 6):
   1. corrupt the whole global batch on device from `fold_in(seed key, step)` and per-example ids, so the masks do not
      depend on sharding or on the number of micro-batches;
   2. the loss denominators of each task (they depend on the masks only) for the whole batch;
-  3. `lax.scan` over micro-batches accumulating gradients of Σ_task coeff · numerator / denominator — dividing once by the
-     whole batch's denominators makes 4 × ¼-batch equal one full batch;
+  3. `lax.scan` over micro-batches accumulating gradients of Σ_task coeff · numerator / denominator — dividing once by
+     the whole batch's denominators makes 4 × ¼-batch equal one full batch;
   4. clip + AdamW update — applied only when the loss and the gradient norm are finite.
 
 Non-finite steps (Decision: skip, never poison the state): when `loss` or `grad_norm` is NaN/inf the step returns the
