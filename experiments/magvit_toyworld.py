@@ -1,12 +1,12 @@
-"""The ToyWorld image tokenizer, trained from scratch on CPU (mmada_jax/models/magvit_train.py).
+"""The ToyWorld image tokenizer, trained from scratch on CPU (`mmada-jax magvit`, mmada_jax/train/magvit.py).
 
 64 px ToyWorld images -> 16 x 16 = 256 codes of 10 bits (1,024 codes). The official MAGVIT-v2 layout (specs §2) at a
 small size: base width 16, three levels (x4 downsampling), one residual block per level, GroupNorm with 8 groups (the
 official 32 groups need widths of at least 32); the decoder is twice as wide as the encoder (channel multipliers 2, 4,
 8) and trains on 20,000 images. x8 downsampling (64 codes) lost the colours within the same CPU budget.
-Measured on 1,024 held-out test images (`python -m mmada_jax.models.magvit_train --config experiments/magvit_toyworld.py
---workdir DIR`, 2 CPU cores partly shared with other jobs, batch 16): the default 2,500 steps (56 min) give PSNR
-33.2 dB and the ToyWorld scene checker passes 99.2 % of the reconstructions vs 100 % of the originals. The encoder-width
+Measured on 1,024 held-out test images (`mmada-jax magvit --config experiments/magvit_toyworld.py --workdir DIR`, 2 CPU
+cores partly shared with other jobs, batch 16): the default 2,500 steps (56 min) give PSNR 33.2 dB and the ToyWorld
+scene checker passes 99.2 % of the reconstructions vs 100 % of the originals. The encoder-width
 decoder (1, 2, 4) on 4,000 images plateaued at 98.4-98.5 % (3,000 to 9,000 steps): adjacent same-coloured shapes merged.
 The vocab section only records the codebook facts that validation checks against this tokenizer.
 """

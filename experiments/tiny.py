@@ -2,7 +2,7 @@
 
 2 layers, d_model 64, 4 heads, SwiGLU 192, 300 vocabulary rows: 228 plain text ids, then <bos> 228, <eos> 229,
 [MASK] 230, <|t2i|> 231, <|soi|> 232, <|eoi|> 233, <|mmu|> 234, [iPAD] 235, and 64 image codes at 236..299
-(tests/fixtures/parity/README.md §1-§2). The chat header tokens take three ordinary ids (225-227).
+(docs/parity.md §1-§2). The chat header tokens take three ordinary ids (225-227).
 """
 
 from mmada_jax.config import get_base_config

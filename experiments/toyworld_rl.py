@@ -16,7 +16,7 @@ tokenizer section), so the Mix-CoT run of `mmada-jax demo` (DIR/cot) is a valid 
 parameter checkpoint; `--config.train.init_from=...` is the same). Responses `<think>a+b=c</think>c<|eot_id|>` take at
 most 13 ToyWorld tokens; rollouts generate 16 in two blocks of 8, one token per model call, at temperature 1.
 A start model that already answers most problems leaves most groups without reward variance; `--config.rl.oversample=3`
-rolls out three times the prompts and trains on the groups that differ (README, UniGRPO).
+rolls out three times the prompts and trains on the groups that differ (docs/unigrpo.md).
 """
 
 import os

@@ -34,7 +34,7 @@ def _type_handlers():
   """Orbax's handlers, except that host (numpy) arrays are written without first deep-copying them.
 
   The default copy guards against arrays changing during an asynchronous save; these saves are synchronous, and the
-  copy would double the memory of converting an 8B checkpoint (measured with `python -m mmada_jax.convert.memcheck`).
+  copy would double the memory of converting an 8B checkpoint (measured with `mmada-jax memcheck`).
   """
   th = ocp.type_handlers
   try:

@@ -1,5 +1,5 @@
 """An independent float64 NumPy forward pass of the official backbone, written from the spec formulas
-(tests/fixtures/parity/README.md §4), and a writer of synthetic fixture sets in the official format."""
+(docs/parity.md §4), and a writer of synthetic fixture sets in the official format."""
 
 import json
 import pathlib

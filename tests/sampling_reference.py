@@ -1,5 +1,5 @@
 """Test helpers for the samplers: fixture discovery, backbone loading, and independent float64 NumPy samplers written
-from the pseudocode of tests/fixtures/parity/README.md §7-§8 (full-sequence logits, float64 softmax), which also write
+from the pseudocode of docs/parity.md §7-§8 (full-sequence logits, float64 softmax), which also write
 synthetic sampling fixture sets in the official file format."""
 
 from __future__ import annotations
@@ -130,7 +130,9 @@ def _pair(mask: np.ndarray | None) -> np.ndarray | None:
 
 
 def text_generate(sd, cfg, prompt, *, steps, gen_length, block_length, cfg_scale, mask_id, prompt_mask=None):
-  """README §7 at temperature 0 with low-confidence remasking. Returns (output, trace [calls, B, L], margins)."""
+  """docs/parity.md §7 at temperature 0 with low-confidence remasking.
+
+  Returns (output, trace [calls, B, L], margins)."""
   b, p = prompt.shape
   x = np.concatenate([prompt, np.full((b, gen_length), mask_id)], 1).astype(np.int64)
   prompt_index = x != mask_id
@@ -175,7 +177,7 @@ def _mask_len(n: int, step: int, steps: int) -> int:
 
 def t2i_generate(sd, cfg, ids, mask, un_ids, un_mask, *, guidance, temperature, timesteps, n, codebook, offset,
                  mask_id, prefix_len, gumbel_sample, gumbel_mask):
-  """README §8 with injected Gumbel noise. Returns a dict of every stored array and the decision margins."""
+  """docs/parity.md §8 with injected Gumbel noise. Returns a dict of every stored array and the decision margins."""
   ids = ids.astype(np.int64).copy()
   b = ids.shape[0]
   codes = ids[:, -(n + 1):-1]
@@ -229,7 +231,7 @@ def _toy_ids(vocab: int, codebook: int) -> dict:
 
 
 def _text_setting(sd, cfg, ids, spec, rng, out, index):
-  """Draws prompts until every decision of the setting is far from a tie, then stores it (README §7 format)."""
+  """Draws prompts until every decision of the setting is far from a tie, then stores it (docs/parity.md §7 format)."""
   name, b, p = spec["name"], spec["batch"], spec["prompt_len"]
   for _ in range(50):
     prompt = np.concatenate([np.full((b, 1), ids["bos"]), rng.integers(0, ids["n_plain"], (b, p - 1))], 1)

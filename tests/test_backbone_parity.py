@@ -1,7 +1,7 @@
 """Parity with the official PyTorch backbone on every fixture set found in the parity directory.
 
 A set `backbone_<C>` is `backbone_<C>.safetensors` + `backbone_<C>_config.json` + `backbone_<C>_io.npz`
-(tests/fixtures/parity/README.md §1-§5). Everything is driven by the set's own config, so sets with other sizes, head
+(docs/parity.md §1-§5). Everything is driven by the set's own config, so sets with other sizes, head
 counts, rope theta or vocabularies run unchanged.
 """
 

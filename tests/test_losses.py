@@ -1,8 +1,8 @@
 """The MMaDA losses: parity with the official `forward_process` on every loss fixture set, the memory-safe LM head
 (exact, and no `[batch, length, vocab]` fp32 logits), additivity for accumulation, tasks without rows, the entry points.
 
-A loss set `loss_<C>.npz` / `loss_<C>_<variant>.npz` belongs to the backbone `backbone_<C>` (tests/fixtures/parity/
-README.md §6); the batch composition, sequence length, [MASK] id and S are read from the file.
+A loss set `loss_<C>.npz` / `loss_<C>_<variant>.npz` belongs to the backbone `backbone_<C>` (docs/parity.md §6); the
+batch composition, sequence length, [MASK] id and S are read from the file.
 """
 
 import pathlib

@@ -211,8 +211,8 @@ def test_missing_source_is_named(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Architectures beyond the fixtures: an independent float64 NumPy evaluation of the official semantics (README §9,
-# checked against every fixture set below) versus the Flax model after conversion.
+# Architectures beyond the fixtures: an independent float64 NumPy evaluation of the official semantics
+# (docs/parity.md §9, checked against every fixture set below) versus the Flax model after conversion.
 
 
 def _np_conv(x, sd, key, stride=1, pad=(1, 1, 1, 1)):

@@ -160,7 +160,7 @@ def test_r2i_layout():
 
 
 def fixture_vocab(end_header_id=200):
-  """Ids of the parity fixture's tiny vocabulary (tests/fixtures/parity/README.md §2); other specials are free ids."""
+  """Ids of the parity fixture's tiny vocabulary (docs/parity.md §2); other specials are free ids."""
   others = [i for i in range(200, 228) if i != end_header_id]
   values = dict(text_vocab_size=236, llm_vocab_size=236, codebook_size=64, image_offset=236, num_image_tokens=14,
                 bos_id=228, eos_id=229, pad_id=229, mask_id=230, t2i_id=231, soi_id=232, eoi_id=233, mmu_id=234,

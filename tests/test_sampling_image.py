@@ -2,7 +2,7 @@
 
 A set is `t2i_generate_<C>*.npz` in the parity directory (MMADA_PARITY_DIR overrides it), run with the weights of
 `backbone_<C>`; its runs are the `<run>__` key prefixes, their parameters come from the index JSON that names the file
-(`sampling_fixtures.json`), else from the run name and the array shapes (tests/fixtures/parity/README.md §8).
+(`sampling_fixtures.json`), else from the run name and the array shapes (docs/parity.md §8).
 """
 
 import os
@@ -66,7 +66,7 @@ def test_parity(backbones, stem, run):
 
 def test_schedule_tables():
   cos = si.ImageSampling(timesteps=6, temperature=1.0)
-  # float32 cos(pi/3) = 0.49999997: 31, not 32 (parity README §8)
+  # float32 cos(pi/3) = 0.49999997: 31, not 32 (docs/parity.md §8)
   np.testing.assert_array_equal(si.mask_len_table(cos, 64), [61, 55, 45, 31, 16, -1])
   np.testing.assert_allclose(si.temperature_table(cos), [5 / 6, 5 / 9, 5 / 18, 5 / 54, 5 / 324, 0.0], rtol=1e-12)
   linear = si.ImageSampling(timesteps=4, temperature=2.0, noise_schedule="linear", temperature_annealing="linear")

@@ -122,11 +122,11 @@ def magvit_section() -> ConfigDict:
   g.dtype = "float32"
   g.matmul_precision = "default"  # "highest" for fp32 parity on TPU/GPU
   g.resize_mode = "crop"  # image I/O: "crop" (shorter side, centre crop) or "squash" (spec §2.6)
-  # LFQ training losses (official LFQuantizer defaults, parity README §9).
+  # LFQ training losses (official LFQuantizer defaults, docs/parity.md §9).
   g.beta = 0.25
   g.commit_multiplier = 0.1
   g.entropy_multiplier = 0.1
-  # Training from scratch (mmada_jax/models/magvit_train.py).
+  # Training from scratch (mmada_jax/train/magvit.py, `mmada-jax magvit`).
   g.train = ConfigDict()
   g.train.steps = 2000
   g.train.batch_size = 32  # global batch, split over the data-parallel devices

@@ -1,6 +1,6 @@
 """MAGVIT-v2 image tokenizer: convolutional encoder, lookup-free quantiser (LFQ) and decoder (Flax Linen, NHWC).
 
-Semantics follow the official Show-o / MMaDA tokenizer (specs/mmada-official.md §2, parity README §9):
+Semantics follow the official Show-o / MMaDA tokenizer (specs/mmada-official.md §2, docs/parity.md §9):
   * GroupNorm with 32 contiguous channel groups, eps 1e-6; swish non-linearity.
   * ResnetBlock: conv1(swish(norm1 x)) -> conv2(swish(norm2 h)), 1x1 `nin_shortcut` iff the width changes.
   * Downsample: zero-pad right and bottom by one, then a 3x3 stride-2 VALID conv. Upsample: nearest x2, then 3x3 conv.
@@ -291,7 +291,7 @@ def lfq(z: jax.Array, beta: float = 0.25, commit_multiplier: float = 0.1,
     zq: ±1 latents [batch, h, w, bits] whose gradient passes straight to z.
     aux: `quantizer_loss` = commit_multiplier * (mean((sg(zq) - z)^2) + beta * mean((zq_st - sg(z))^2)), whose value is
       commit_multiplier * (1 + beta) * mean((zq - z)^2); `entropy_loss` = entropy_multiplier * (mean per-element entropy
-      - entropy of the mean distribution), logits [-(z-1)^2, -(z+1)^2] (parity README §9); `indices` [batch, h*w];
+      - entropy of the mean distribution), logits [-(z-1)^2, -(z+1)^2] (docs/parity.md §9); `indices` [batch, h*w];
       `per_sample_entropy`, `codebook_entropy` (nats, unscaled).
   """
   hard = lfq_quantize(z)
