@@ -36,18 +36,17 @@ import fcntl
 import functools
 import json
 import os
-import sys
 from collections import Counter
 from typing import Any, Callable
 
 import grain
 import numpy as np
 from array_record.python import array_record_module
-from tqdm import tqdm
 
 from mmada_jax.data import pipelines, prepared, sources as src_lib
 from mmada_jax.data.tokenizer import shared_tokenizer
 from mmada_jax.inference.image_tokenizer import load_image_tokenizer
+from mmada_jax.train import metrics_io
 
 FORMAT_VERSION = 1
 TASKS = ("t2i", "mmu")
@@ -149,14 +148,14 @@ def _write_shard(job: _Job, k: int, path: str, bar) -> dict[str, Any]:
           "id": str(p["id"]), "index": index, "text": p["text"], "text_ids": np.asarray(p["text_ids"], np.int32),
           "image_codes": np.asarray(image_codes).astype(job.code_dtype)}))
     entry["records"] += len(pending)
-    bar.update(len(pending))
+    bar.advance(len(pending))
     pending.clear()
 
   for index, parts, notes in _shard_records(job, k):
     converted.update(notes)
     if "bad" in parts:
       skipped.append({"index": index, "id": parts["id"], "reason": parts["bad"], "detail": parts["detail"], "shard": k})
-      bar.update(1)
+      bar.advance(1)
       continue
     pending.append((index, parts))
     if "image" in parts and sum("image" in p for _, p in pending) == job.batch_size:
@@ -275,8 +274,7 @@ def run(job: _Job, progress: bool = True, after_shard: Callable[[int], None] | N
     finished = sum(job.bounds(k)[1] - job.bounds(k)[0] for k in done)
     job.log(f"prepare: {job.count} records of {job.spec} ({job.task}) -> {job.num_shards} shards in {job.out}"
             + (f"; {len(done)} shards already done" if done else ""))
-    with tqdm(total=job.count, initial=finished, unit="rec", dynamic_ncols=True, file=sys.stderr,
-              disable=not progress) as bar:
+    with metrics_io.progress(job.count, finished, enabled=progress, unit="rec", primary=True) as bar:
       for k in todo:
         final = job.shard_path(k)
         tmp = final + ".tmp"

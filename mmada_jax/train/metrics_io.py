@@ -10,6 +10,9 @@ import sys
 import time
 from typing import TextIO
 
+import jax
+import tqdm
+
 from mmada_jax.train import faults
 
 SHOWN = ("loss", "grad_norm", "tokens_per_s")  # the values a progress display shows, when given
@@ -23,8 +26,6 @@ class MetricsWriter:
   `resumed_from + 1`, which makes TensorBoard hide the older events from that step on."""
 
   def __init__(self, workdir: str, tensorboard: bool = True, resumed_from: int | None = None):
-    import jax  # pylint: disable=import-outside-toplevel
-
     self.primary = jax.process_index() == 0
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.tb = None
@@ -92,15 +93,11 @@ class _Bar:
     if not enabled:
       return
     if primary is None:
-      import jax  # pylint: disable=import-outside-toplevel
-
       primary = jax.process_index() == 0
     if not primary:
       return
     if _is_terminal(self.stream):
-      from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-
-      self.bar = tqdm(total=self.total, initial=self.start, unit=unit, dynamic_ncols=True, file=self.stream)
+      self.bar = tqdm.tqdm(total=self.total, initial=self.start, unit=unit, dynamic_ncols=True, file=self.stream)
       return
     self.plain = True
     self.every = max(1, math.ceil((self.total - self.start) / max(1, lines)))
