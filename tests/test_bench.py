@@ -193,7 +193,7 @@ def test_compute_params_cast_and_stack_once_is_exact(scan):
       a = st.generate(m, params, ids, mask_id=230, settings=settings)["tokens"]
       b = st.generate(m, prepared, ids, mask_id=230, settings=settings)["tokens"]
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    eager = jax.jit(lambda p: st.cached_forward(m, p, ids, None)[0])  # the sampler's own layer on both trees
+    eager = jax.jit(lambda p: m.apply({"params": p}, ids, output="hidden", return_cache=True)[0])  # cached mode
     np.testing.assert_array_equal(np.asarray(eager(params)), np.asarray(eager(prepared)))
 
 

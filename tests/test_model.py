@@ -166,3 +166,136 @@ def test_argmax_last_rejects_integers():
 
   with pytest.raises(TypeError, match="floating"):
     layers.argmax_last(jnp.arange(300))
+
+
+# ---- cached decoding (prefill / window modes) ----------------------------------------------------------------------
+
+
+def _cached_calls(model, ids, pad, width):
+  """Jitted (full hidden, full logits), prefill (hidden, logits, cache) and window(params, ids, cache, start)."""
+  full = jax.jit(lambda p: (model.apply({"params": p}, ids, pad, output="hidden"),
+                            model.apply({"params": p}, ids, pad)))
+
+  @jax.jit
+  def prefill(p):
+    h, cache = model.apply({"params": p}, ids, pad, output="hidden", return_cache=True)
+    logits, cache2 = model.apply({"params": p}, ids, pad, return_cache=True)
+    return h, logits, cache, cache2
+
+  @jax.jit
+  def window(p, ids, cache, start):
+    h = model.apply({"params": p}, ids, pad, output="hidden", kv_cache=cache, window_start=start, window=width)
+    return h, model.apply({"params": p}, ids, pad, kv_cache=cache, window_start=start, window=width,
+                          return_cache=True)
+
+  return full, prefill, window
+
+
+@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_cached_modes_equal_the_full_forward(scan, kv_heads):
+  """Prefill returns the full forward's hidden states/logits and every layer's post-RoPE keys/values; a window call on
+  the same ids with that cache returns the full forward's hidden states/logits at the window and leaves the cache as
+  it was. Scanned and unrolled layers, plain and stacked (`compute_params`) kernels, grouped-query heads."""
+  m = tiny(scan_layers=scan, num_kv_heads=kv_heads)
+  model = llada.build_model(m)
+  params = llada.init_params(model, jax.random.key(kv_heads))
+  ids = jax.random.randint(jax.random.key(1), (2, 20), 0, m.vocab_size)
+  pad = jnp.asarray(np.stack([np.ones(20), np.r_[np.zeros(3), np.ones(17)]]).astype(bool))
+  full, prefill, window = _cached_calls(model, ids, pad, 6)
+  for p in (params, llada.compute_params(params, model.args)):
+    ref_h, ref_logits = full(p)
+    h, logits, (k, v), cache2 = prefill(p)
+    np.testing.assert_allclose(h, ref_h, atol=1e-5)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
+    assert k.shape == v.shape == (m.num_layers, 2, 20, kv_heads, 64 // m.num_heads) and k.dtype == jnp.float32
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), (k, v), cache2)
+    np.testing.assert_allclose(k[0], _layer0_keys(params, ids, model.args), atol=1e-5)
+    for start in (0, 8, 14):
+      wh, (wl, new_cache) = window(p, ids, (k, v), jnp.int32(start))
+      assert wh.shape == (2, 6, m.d_model) and wl.shape == (2, 6, m.vocab_size)
+      real = np.asarray(pad[:, start:start + 6])  # padded queries see the real keys here (never asked by samplers)
+      np.testing.assert_allclose(np.asarray(wh)[real], np.asarray(ref_h[:, start:start + 6])[real], atol=1e-5)
+      np.testing.assert_allclose(np.asarray(wl)[real], np.asarray(ref_logits[:, start:start + 6])[real], atol=1e-5)
+      for a, b in zip(new_cache, (k, v)):  # the window's fresh keys/values are the cached ones (real tokens)
+        np.testing.assert_allclose(np.asarray(a)[:, np.asarray(pad)], np.asarray(b)[:, np.asarray(pad)], atol=1e-5)
+
+
+def _layer0_keys(params, ids, args):
+  """The first layer's keys [batch, length, kv_heads, head_dim] after RoPE, computed by hand (fp32, scanned tree)."""
+  from mmada_jax.models import layers
+
+  blocks = jax.tree.map(lambda t: t[0], params["blocks"]) if "blocks" in params else params["blocks_0"]
+  x = params["wte"][ids]
+  h = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + args.norm_eps) * blocks["attn_norm"]["scale"]
+  k = jnp.einsum("bld,dhk->blhk", h, blocks["attn"]["k_proj"]["kernel"])
+  positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+  sin, cos = layers.rope_tables(positions, args.head_dim, args.rope_theta)
+  return layers.apply_rope(k, sin, cos)
+
+
+def test_window_keeps_stale_keys_outside_itself():
+  """New ids inside the window: the window's own keys/values are fresh, the rest come from the cache. With one layer
+  that is exactly the full forward on the new ids (the first layer's keys/values depend on the tokens alone); with two
+  layers the cached keys/values of the other positions are stale and the result differs from it. The returned cache
+  holds the window's fresh keys/values at the window and the old ones elsewhere."""
+  ids = jax.random.randint(jax.random.key(1), (2, 16), 0, 300)
+  new = ids.at[:, 4:10].set((ids[:, 4:10] + 7) % 300)
+  for layers_, exact in ((1, True), (2, False)):
+    model = llada.build_model(tiny(num_layers=layers_, scan_layers=False))
+    params = llada.init_params(model, jax.random.key(0))
+    apply = lambda x, **kw: model.apply({"params": params}, x, output="hidden", **kw)
+    _, cache = apply(ids, return_cache=True)
+    h, got = apply(new, kv_cache=cache, window_start=jnp.int32(4), window=6, return_cache=True)
+    ref, fresh = apply(new, return_cache=True)
+    if exact:
+      np.testing.assert_allclose(h, ref[:, 4:10], atol=1e-5)
+    else:
+      assert np.abs(np.asarray(h) - np.asarray(ref[:, 4:10])).max() > 1e-3
+    for g, c, f in zip(got, cache, fresh):
+      np.testing.assert_allclose(g[0, :, 4:10], f[0, :, 4:10], atol=1e-5)  # layer 0: tokens alone
+      np.testing.assert_array_equal(np.delete(np.asarray(g), np.s_[4:10], 2), np.delete(np.asarray(c), np.s_[4:10], 2))
+
+
+def test_cached_modes_in_bf16():
+  m = tiny(dtype="bfloat16")
+  model = llada.build_model(m)
+  params = llada.compute_params(llada.init_params(model, jax.random.key(0)), model.args)
+  ids = jax.random.randint(jax.random.key(1), (2, 16), 0, m.vocab_size)
+  full, prefill, window = _cached_calls(model, ids, None, 8)
+  ref_h, ref_logits = full(params)
+  h, logits, (k, v), _ = prefill(params)
+  assert k.dtype == v.dtype == jnp.bfloat16
+  scale = float(np.abs(np.asarray(ref_logits)).max())
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=0.02 * scale)
+  wh, (wl, _) = window(params, ids, (k, v), jnp.int32(8))
+  assert wh.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(wl), np.asarray(ref_logits[:, 8:]), atol=0.02 * scale)
+
+
+def test_cached_mode_arguments_are_checked(setup):
+  m, model, params, ids = setup
+  _, cache = model.apply({"params": params}, ids, return_cache=True)
+  with pytest.raises(ValueError, match="window_start and a static window"):
+    model.apply({"params": params}, ids, kv_cache=cache, window_start=0)
+  with pytest.raises(ValueError, match="output='all'"):
+    model.apply({"params": params}, ids, kv_cache=cache, window_start=0, window=4, output="all")
+  with pytest.raises(ValueError, match="padding mask"):
+    model.apply({"params": params}, ids, jnp.ones((2, 1, 16, 16), bool), kv_cache=cache, window_start=0, window=4)
+
+
+@pytest.mark.parametrize("layout", ["stacked", "unstacked"])
+def test_cached_modes_reproduce_the_parity_fixture(layout, tmp_path):
+  """The official backbone fixture (tests/test_backbone_parity.py) through the prefill and window modes: logits
+  without a mask and with its padding mask, at the parity test's tolerance."""
+  from conftest import FIXTURES
+  from sampling_reference import load_backbone
+
+  model, params, _ = load_backbone(FIXTURES / "parity", "backbone_A", tmp_path, layout)
+  io = np.load(FIXTURES / "parity" / "backbone_A_io.npz")
+  ids = jnp.asarray(io["input_ids"])
+  for mask, want in ((None, io["logits_nomask"]), (jnp.asarray(io["attention_mask"]), io["logits_attention_bias"])):
+    logits, cache = model.apply({"params": params}, ids, mask, return_cache=True)
+    np.testing.assert_allclose(logits, want, atol=1e-4, rtol=0)
+    window = model.apply({"params": params}, ids, mask, kv_cache=cache, window_start=jnp.int32(8), window=8)
+    np.testing.assert_allclose(window, want[:, 8:16], atol=1e-4, rtol=0)  # every window query is a real token

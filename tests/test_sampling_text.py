@@ -6,6 +6,7 @@ the file (`sampling_fixtures.json`), else from the setting name and the array sh
 §7).
 """
 
+import functools
 import os
 import subprocess
 import sys
@@ -182,8 +183,9 @@ def test_stochastic_sampling_is_keyed(tiny):
 
 
 def test_dual_cache(tiny):
-  """The cached forward equals the backbone on a fresh cache; with one call per block (every call refreshes the
-  cache) the dual-cache sampler gives the exact tokens; with more calls (guidance, padding) it runs and fills."""
+  """The model's cached modes equal the backbone on a fresh cache (fixture weights); with one call per block (every
+  call refreshes the cache) the dual-cache sampler gives the exact tokens; with more calls (guidance, padding) it runs
+  and fills."""
   model, params, config = tiny
   mask_id = config["mask_token_id"]
   rng = np.random.default_rng(6)
@@ -192,9 +194,10 @@ def test_dual_cache(tiny):
 
   @jax.jit
   def both(params):
-    h, cache = st.cached_forward(model, params, ids, pad)
-    window, _ = st.cached_forward(model, params, ids, pad, jnp.int32(8), 6, cache)
-    return model.apply({"params": params}, ids, pad, output="hidden"), h, window
+    apply = functools.partial(model.apply, {"params": params}, ids, pad, output="hidden")
+    h, cache = apply(return_cache=True)
+    window = apply(kv_cache=cache, window_start=jnp.int32(8), window=6)
+    return apply(), h, window
 
   ref, h, window = both(params)
   np.testing.assert_allclose(h, ref, atol=1e-5)

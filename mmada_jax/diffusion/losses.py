@@ -291,7 +291,7 @@ def numerators(params: Any, corrupted: Mapping[str, Mapping[str, Array]], *, mod
                                 lm_normalisation=str(lc.lm_normalisation)) for t, a in group]
     w = jnp.concatenate(weights)
     h = model.apply({"params": params}, ids, attention_mask_for(group, str(lc.attention)), output="hidden")
-    ce, over = token_ce(params["lm_head"]["kernel"], h, labels, w != 0, model.args, head=str(lc.head),
+    ce, over = token_ce(llada.head_kernel(params), h, labels, w != 0, model.args, head=str(lc.head),
                         chunk=int(lc.head_chunk), capacity=float(lc.head_capacity), groups=int(lc.head_groups))
     overflow = jnp.maximum(overflow, over)
     contrib = jnp.sum(w * ce, axis=-1)  # [rows of the group]

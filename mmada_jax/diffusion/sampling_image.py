@@ -147,7 +147,7 @@ def _image_logits(model, params, ids: Array, mask: Array | None, layout: _Layout
   """Guided codebook logits [B, N, C] (fp32). ids [B or 2B, L]; with guidance the uncond rows follow the cond rows."""
   h = model.apply({"params": params}, ids, mask, output="hidden")
   h_img = h[:, layout.first:layout.first + layout.num_tokens]
-  kernel = params["lm_head"]["kernel"][:, layout.image_offset:layout.image_offset + layout.codebook_size]
+  kernel = llada.head_kernel(params)[:, layout.image_offset:layout.image_offset + layout.codebook_size]
   logits = llada.head_logits(kernel, h_img, model.args)
   if guidance <= 0:
     return logits

@@ -34,7 +34,8 @@ Optional, approximate (changes tokens; off by default), both from the Fast-dLLM 
   * `dual_cache`: the first call of a block runs the whole sequence and keeps every layer's keys and values; the other
     calls of the block run only the block's K positions against those cached keys/values (prefix and suffix frozen
     for the block, the block's own keys/values fresh). Positions before the block are never revisited in this mode
-    (a [MASK] the model proposed there stays).
+    (a [MASK] the model proposed there stays). Both calls are modes of the backbone itself (`llada.Transformer`'s
+    `return_cache` and `kv_cache`/`window_start`/`window` arguments).
 """
 
 from __future__ import annotations
@@ -186,7 +187,7 @@ class _Forward:
 
   @property
   def kernel(self) -> Array:
-    return self.params["lm_head"]["kernel"]
+    return llada.head_kernel(self.params)
 
   def inputs(self, x: Array) -> tuple[Array, Array | None]:
     """The model's batch: x [B, L], with guidance followed by its unconditional copy (every original prompt
@@ -205,12 +206,15 @@ class _Forward:
     """`dual_cache`: hidden states of the block [B or 2B, K, D] and the cache; the block's first call refreshes it."""
     ids, pad = self.inputs(x)
     width = self.settings.block_length
+    apply = functools.partial(self.model.apply, {"params": self.params}, ids, pad, output="hidden")
 
-    def refresh(cache):
-      h, cache = cached_forward(self.model, self.params, ids, pad)
+    def refresh(cache):  # the whole sequence: every layer's keys/values
+      h, cache = apply(return_cache=True)
       return jax.lax.dynamic_slice_in_dim(h, start, width, axis=1), cache
 
-    reuse = lambda cache: cached_forward(self.model, self.params, ids, pad, start, width, cache)
+    def reuse(cache):  # the block only, against the cache of the block's first call (kept as it is)
+      return apply(kv_cache=cache, window_start=start, window=width), cache
+
     return jax.lax.cond(step == 0, refresh, reuse, cache)
 
   def logits(self, h: Array) -> Array:
@@ -220,79 +224,6 @@ class _Forward:
       return logits
     cond, un = jnp.split(logits, 2, axis=0)
     return un + jnp.float32(self.settings.cfg_scale + 1.0) * (cond - un)  # official algebra (§8.7)
-
-
-def _rms(x: Array, scale: Array, eps: float) -> Array:
-  """The backbone's RMSNorm (fp32 statistics, result in x's dtype, then the scale)."""
-  x32 = x.astype(jnp.float32)
-  y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
-  return y.astype(x.dtype) * scale.astype(x.dtype)
-
-
-def _layer(lp: Any, x: Array, positions: Array, cache: tuple | None, bias: Array | None, args) -> tuple:
-  """One backbone block for the query positions only (same math as `llada.Block`).
-
-  x [B, n, D] at `positions` [B, n]; cache None (the queries are the whole sequence) or (k [B, L, Hkv, hd],
-  v [B, L, Hkv, hd], start): the block's fresh keys/values are written at `start` over the cached ones.
-  Returns (x, k, v) with the queries' own keys/values.
-  """
-  sin, cos = layers.rope_tables(positions, args.head_dim, args.rope_theta)
-  h = _rms(x, lp["attn_norm"]["scale"], args.norm_eps)
-  a = lp["attn"]
-  if "qkv_stacked" in a:  # `llada.compute_params` stacked them
-    q, k, v = layers.stacked_matmul(layers.STACKED_KERNELS["attn"][2], h, a["qkv_stacked"], args)
-  else:
-    q, k, v = layers.qkv_projections(h, [a[n]["kernel"] for n in ("q_proj", "k_proj", "v_proj")], args)
-  q, k = layers.apply_rope(q, sin, cos), layers.apply_rope(k, sin, cos)
-  k_all, v_all = k, v
-  if cache is not None:
-    k_all = jax.lax.dynamic_update_slice_in_dim(cache[0], k, cache[2], axis=1)
-    v_all = jax.lax.dynamic_update_slice_in_dim(cache[1], v, cache[2], axis=1)
-  out = layers.dot_product_attention(q, k_all, v_all, bias, args)
-  x = x + layers.matmul("blhk,hkd->bld", out, a["attn_out"]["kernel"], args)
-  h = _rms(x, lp["ff_norm"]["scale"], args.norm_eps)
-  m = lp["mlp"]
-  gate_up = m["gate_up_stacked"] if "gate_up_stacked" in m else [m["ff_proj"]["kernel"], m["up_proj"]["kernel"]]
-  gate, up = layers.stacked_matmul(layers.STACKED_KERNELS["mlp"][2], h, gate_up, args)
-  x = x + layers.matmul("blf,fd->bld", jax.nn.silu(gate) * up, m["ff_out"]["kernel"], args)
-  return x, k, v
-
-
-def cached_forward(model: llada.Transformer, params: Any, ids: Array, pad: Array | None, start: Array | None = None,
-                   width: int = 0, cache: tuple | None = None) -> tuple[Array, tuple]:
-  """Final hidden states of a query window, with a per-layer key/value cache (the `dual_cache` option).
-
-  Without `cache`: the whole sequence ids [B, L] -> (h [B, L, D], (k, v) each [layers, B, L, Hkv, hd]).
-  With `cache`: only positions [start, start + width) are computed, attending to the cached keys/values elsewhere
-  -> (h [B, width, D], the cache unchanged). pad [B, L] bool or None (key padding; padded queries are never asked).
-  """
-  args, length = model.args, ids.shape[1]
-  if cache is None:
-    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), ids.shape)
-    bias = layers.attention_bias_from_mask(pad, length)
-  else:
-    ids = jax.lax.dynamic_slice_in_dim(ids, start, width, axis=1)
-    positions = jnp.broadcast_to(start + jnp.arange(width, dtype=jnp.int32), ids.shape)
-    bias = None if pad is None else pad[:, None, None, :]
-  x = jnp.take(params["wte"], ids, axis=0).astype(args.dtype)
-
-  def step(x, lp, kc=None, vc=None):
-    x, k, v = _layer(lp, x, positions, None if cache is None else (kc, vc, start), bias, args)
-    return x, (k, v)
-
-  if args.scan_layers:
-    if cache is None:
-      x, kv = jax.lax.scan(lambda c, lp: step(c, lp), x, params["blocks"])
-    else:
-      x, _ = jax.lax.scan(lambda c, xs: step(c, *xs), x, (params["blocks"],) + tuple(cache))
-  else:
-    kvs = []
-    for i in range(args.num_layers):
-      x, kv_i = step(x, params[f"blocks_{i}"], *(() if cache is None else (cache[0][i], cache[1][i])))
-      kvs.append(kv_i)
-    kv = tuple(jnp.stack(t) for t in zip(*kvs))
-  h = _rms(x, params["ln_f"]["scale"], args.norm_eps)
-  return h, (kv if cache is None else cache)
 
 
 def _candidates(fwd: _Forward, h_blk: Array, h: Array | None, x: Array, start: Array,
@@ -410,7 +341,7 @@ def generate(model: llada.Transformer, params: Any, prompt: Array, prompt_mask: 
 
   Args:
     model: the backbone (`llada.Transformer`); any layer layout and dtype.
-    params: its parameters (`{"wte": ..., "blocks": ..., "lm_head": {"kernel": [D, V]}, ...}`), as device arrays
+    params: its parameters (`llada.init_params` or a checkpoint's tree, either layer layout), as device arrays
       (NumPy arrays would be copied to the device at every call).
     prompt: [B, P] int prompt ids; rows shorter than P are LEFT-padded (any pad id).
     prompt_mask: [B, P] (1/True = real token, 0 = padding) or None (no padding: no attention mask at all).

@@ -112,8 +112,7 @@ class Linear(nn.Module):
 def stacked_matmul(eq: str, x: Array, kernels: list[Array] | Array, args: ModelArgs) -> list[Array]:
   """`[matmul(eq, x, w) for w in kernels]` as ONE matmul over the kernels stacked on a new axis right after their
   contracted axes (same shapes required), so that the stack is already the row-major [contracted, outputs] operand of
-  the matmul. Stacking on a new axis keeps every kernel axis (and its sharding); on CPU one wide matmul measured ~1.15x
-  faster per layer than three narrow ones.
+  the matmul. Stacking on a new axis keeps every kernel axis (and its sharding).
 
   eq is the per-kernel equation "x,w->y" whose kernel lists its contracted axes first and whose output starts with
   x's leading (non-contracted) axes. `kernels` may be the stacked array itself (from `stack_kernels`), which saves the
@@ -150,8 +149,7 @@ def stack_kernels(params: Any) -> Any:
   """For inference loops: in every attention and MLP, the kernels that `stacked_matmul` multiplies together (q/k/v of
   equal shapes, gate/up) replaced by their stack (the `stack_axis` of the kernel's own axes, after a scanned layer
   axis), which the modules use as is. Exact (the same matmul on the same numbers). XLA does not hoist the stacking out
-  of a sampler's while loop, so without this every model call copies those weights again (a cached batch-8 decoding
-  call of the bench model in bf16 took 55 ms with the copies and 42 ms without, on a 2-core CPU)."""
+  of a sampler's while loop, so without this every model call copies those weights again."""
   def walk(tree: Any, name: str | None) -> Any:
     if not hasattr(tree, "items"):
       return tree
@@ -230,11 +228,19 @@ def attention_bias_from_mask(mask: Array | None, length: int) -> Array | None:
 
 
 class Attention(nn.Module):
-  """Bidirectional multi-head attention with separate q/k/v projections (LLaDA llama block)."""
+  """Bidirectional multi-head attention with separate q/k/v projections (LLaDA llama block).
+
+  Call: (x [batch, n, embed], bias, sin, cos [batch, n, head_dim], kv_cache=None, start=None)
+  -> (out [batch, n, embed], (k, v) each [batch, n, kv_heads, head_dim]: this call's own keys/values after RoPE).
+  Without `kv_cache` the n queries attend to their own keys/values (the whole sequence). With `kv_cache` (k, v) each
+  [batch, L, kv_heads, head_dim] of a longer sequence, the queries are its positions [start, start + n): their fresh
+  keys/values replace the cached ones at `start` and the queries attend to all L (bias broadcast to [batch, 1, n, L]).
+  """
   args: ModelArgs
 
   @nn.compact
-  def __call__(self, x: Array, bias: Array | None, sin: Array, cos: Array) -> Array:
+  def __call__(self, x: Array, bias: Array | None, sin: Array, cos: Array, kv_cache: tuple[Array, Array] | None = None,
+               start: Array | None = None) -> tuple[Array, tuple[Array, Array]]:
     a = self.args
     if self.has_variable("params", "qkv_stacked"):  # `stack_kernels` (inference loops)
       q, k, v = stacked_matmul(STACKED_KERNELS["attn"][2], x, self.get_variable("params", "qkv_stacked"), a)
@@ -247,10 +253,14 @@ class Attention(nn.Module):
     q = checkpoint_name(apply_rope(q, sin, cos), "query_proj")
     k = checkpoint_name(apply_rope(k, sin, cos), "key_proj")
     v = checkpoint_name(v, "value_proj")
-    out = dot_product_attention(q, k, v, bias, a)
+    k_all, v_all = k, v
+    if kv_cache is not None:
+      k_all, v_all = (jax.lax.dynamic_update_slice_in_dim(c, t.astype(c.dtype), start, axis=1)
+                      for c, t in zip(kv_cache, (k, v)))
+    out = dot_product_attention(q, k_all, v_all, bias, a)
     out = Linear(a, (a.num_heads, a.head_dim, a.d_model), ("heads", "head_dim", "embed"), "blhk,hkd->bld",
                  fan_in_axes=(0, 1), name="attn_out")(out)
-    return checkpoint_name(out, "out_proj")
+    return checkpoint_name(out, "out_proj"), (k, v)
 
 
 def qkv_projections(x: Array, kernels: list[Array], args: ModelArgs) -> list[Array]:
@@ -331,9 +341,9 @@ class MLP(nn.Module):
 def argmax_last(x: Array, chunk: int = 128) -> Array:
   """`jnp.argmax(x, axis=-1)` as int32, bit-identical (the first index of the maximum; a NaN counts as the maximum).
 
-  XLA's CPU backend runs an argmax over a vocabulary-sized axis as a scalar loop (17 ms for [8, 32, 32000] fp32 on two
-  cores); this takes the maximum of every `chunk` entries (a vectorised reduction), picks the first chunk holding the
-  overall maximum and runs argmax only inside it (under 1 ms). XLA's max reduction need not propagate NaN, so when a
+  XLA's CPU backend runs an argmax over a vocabulary-sized axis as a scalar loop; this takes the maximum of every
+  `chunk` entries (a vectorised reduction), picks the first chunk holding the overall maximum and runs argmax only
+  inside it. XLA's max reduction need not propagate NaN, so when a
   row sum is NaN (a NaN entry, or +inf beside -inf) the plain argmax runs instead; so does an axis that `chunk` does
   not divide. x: floating, [..., n].
   """

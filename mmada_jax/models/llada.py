@@ -41,23 +41,32 @@ ACT = ("activation_batch", "activation_length", "activation_embed")
 
 
 class Block(nn.Module):
-  """One LLaDA llama block. Returns (new hidden state, the block's input when `collect` else None)."""
+  """One LLaDA llama block.
+
+  Call: (x [batch, n, embed], bias, sin, cos, kv_cache=None, start=None) -> (new hidden state, (the block's input
+  when `collect` else None, the attention's own (k, v) each [batch, n, kv_heads, head_dim] when `cache` else None)).
+  `kv_cache`/`start`: see `layers.Attention` (the window mode of `Transformer`).
+  """
   args: ModelArgs
   collect: bool = False
+  cache: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, bias: Array | None, sin: Array, cos: Array):
+  def __call__(self, x: Array, bias: Array | None, sin: Array, cos: Array, kv_cache: tuple | None = None,
+               start: Array | None = None):
     x_in = x
     h = RMSNorm(self.args, name="attn_norm")(x)
-    x = x + Attention(self.args, name="attn")(h, bias, sin, cos)
+    out, kv = Attention(self.args, name="attn")(h, bias, sin, cos, kv_cache, start)
+    x = x + out
     h = RMSNorm(self.args, name="ff_norm")(x)
     x = x + MLP(self.args, name="mlp")(h)
     x = nn.with_logical_constraint(x, ACT)
-    return x, (x_in if self.collect else None)
+    return x, (x_in if self.collect else None, kv if self.cache else None)
 
 
-def _block_class(args: ModelArgs):
-  if args.remat_policy == "none":
+def _block_class(args: ModelArgs, cache: bool = False):
+  """The block, rematerialised by `args.remat_policy` (never in the inference-only cache modes)."""
+  if args.remat_policy == "none" or cache:
     return Block
   return nn.remat(Block, policy=REMAT_POLICIES[args.remat_policy], prevent_cse=not args.scan_layers)
 
@@ -81,6 +90,11 @@ def head_logits(kernel: Array, h: Array, args: ModelArgs) -> Array:
                     preferred_element_type=jnp.float32)
 
 
+def head_kernel(params: Any) -> Array:
+  """The LM head's kernel [embed, vocab] in a parameter tree (for `head_logits` on selected hidden states)."""
+  return params["lm_head"]["kernel"]
+
+
 class Transformer(nn.Module):
   """The MMaDA backbone.
 
@@ -93,12 +107,25 @@ class Transformer(nn.Module):
     output          "logits" (fp32 logits), "hidden" (final hidden states after ln_f, [batch, length, embed]) or
                     "all" (dict with logits and `hidden_states` [layers + 1, batch, length, embed]: the inputs of
                     every block, then the final normed state, as the official `output_hidden_states`).
+
+  Cached decoding (inference only; no remat):
+    return_cache    True → returns (out, cache): cache = (k, v) each [layers, batch, length, kv_heads, head_dim],
+                    every layer's keys/values after RoPE, as attention consumed them ("prefill" without `kv_cache`).
+    kv_cache        such a cache of the same ids' length: the "window" mode. Only the positions
+                    [window_start, window_start + window) of `ids` are computed (their embeddings, RoPE at those
+                    absolute positions); each layer writes the window's fresh keys/values over the cached ones at
+                    `window_start` and attends over the whole length. `attention_mask` must be None or a
+                    [batch, length] key padding mask; `output` "logits" or "hidden" for the window only
+                    ([batch, window, ...]; `logits_at` indexes the window); with `return_cache` the returned cache
+                    is `kv_cache` with the window's fresh keys/values written in.
+    window_start    int scalar (may be traced); window: static int width.
   """
   args: ModelArgs
 
   @nn.compact
   def __call__(self, ids: Array, attention_mask: Array | None = None, *, positions: Array | None = None,
-               logits_at: Array | None = None, output: str = "logits"):
+               logits_at: Array | None = None, output: str = "logits", return_cache: bool = False,
+               kv_cache: tuple[Array, Array] | None = None, window_start: Array | None = None, window: int = 0):
     a = self.args
     if output not in ("logits", "hidden", "all"):
       raise ValueError(f"output must be 'logits', 'hidden' or 'all', got {output!r}")
@@ -106,16 +133,31 @@ class Transformer(nn.Module):
     wte = self.param("wte", nn.with_logical_partitioning(nn.initializers.normal(a.d_model ** -0.5),
                                                          ("vocab", "embed")), (a.vocab_size, a.d_model),
                      a.param_dtype)
+    if kv_cache is None:
+      if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+      bias = attention_bias_from_mask(attention_mask, length)
+    else:
+      ids, positions, bias = _window_inputs(ids, attention_mask, positions, output, window_start, window)
     x = nn.with_logical_constraint(jnp.take(wte, ids, axis=0).astype(a.dtype), ACT)
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     sin, cos = rope_tables(positions, a.head_dim, a.rope_theta)
-    bias = attention_bias_from_mask(attention_mask, length)
-    x, block_inputs = self._blocks(x, bias, sin, cos, collect=output == "all")
-    h = RMSNorm(a, name="ln_f")(x)
+    x, (block_inputs, kv) = self._blocks(x, bias, sin, cos, collect=output == "all",
+                                         cache=return_cache or kv_cache is not None, kv_cache=kv_cache,
+                                         start=window_start)
+    out = self._head(x, output, logits_at, block_inputs)
+    if not return_cache:
+      return out
+    if kv_cache is not None:  # the window's fresh keys/values written into the cache
+      kv = tuple(jax.lax.dynamic_update_slice_in_dim(c, t.astype(c.dtype), window_start, axis=2)
+                 for c, t in zip(kv_cache, kv))
+    return out, kv
+
+  def _head(self, x: Array, output: str, logits_at: Array | None, block_inputs: Array | None):
+    """ln_f, then the requested output (see the class docstring) of the last block's output x [batch, n, embed]."""
+    h = RMSNorm(self.args, name="ln_f")(x)
     if output == "hidden":
       return h
-    head = LMHead(a, name="lm_head")
+    head = LMHead(self.args, name="lm_head")
     if logits_at is not None:
       logits = head(jnp.take_along_axis(h, logits_at[..., None].astype(jnp.int32), axis=1))
     else:
@@ -124,25 +166,54 @@ class Transformer(nn.Module):
       return logits
     return {"logits": logits, "hidden_states": jnp.concatenate([block_inputs, h[None]], axis=0)}
 
-  def _blocks(self, x, bias, sin, cos, collect: bool):
+  def _blocks(self, x, bias, sin, cos, collect: bool, cache: bool, kv_cache: tuple | None, start: Array | None):
+    """Runs the layers on x [batch, n, embed] -> (x, (block inputs [layers, batch, n, embed] or None, (k, v) each
+    [layers, batch, n, kv_heads, head_dim] or None)); kv_cache (k, v) each [layers, batch, length, kv_heads,
+    head_dim] is scanned along the layer axis (the window mode)."""
     a = self.args
-    block_cls = _block_class(a)
+    block_cls = _block_class(a, cache)
+    extra = () if kv_cache is None else (kv_cache, start)
     if a.scan_layers:
       scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=a.num_layers,
+                        in_axes=(nn.broadcast,) * 3 + ((0, nn.broadcast) if extra else ()), length=a.num_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-      return scanned(a, collect, name="blocks")(x, bias, sin, cos)
-    inputs = []
+      return scanned(a, collect, cache, name="blocks")(x, bias, sin, cos, *extra)
+    inputs, kvs = [], []
     for i in range(a.num_layers):
-      x, x_in = block_cls(a, collect, name=f"blocks_{i}")(x, bias, sin, cos)
+      layer_extra = () if kv_cache is None else (tuple(c[i] for c in kv_cache), start)
+      x, (x_in, kv) = block_cls(a, collect, cache, name=f"blocks_{i}")(x, bias, sin, cos, *layer_extra)
       inputs.append(x_in)
-    return x, (jnp.stack(inputs) if collect else None)
+      kvs.append(kv)
+    stacked_kv = tuple(jnp.stack(t) for t in zip(*kvs)) if cache else None
+    return x, (jnp.stack(inputs) if collect else None, stacked_kv)
+
+
+def _window_inputs(ids: Array, attention_mask: Array | None, positions: Array | None, output: str,
+                   start: Array | None, window: int) -> tuple[Array, Array, Array | None]:
+  """The window mode's inputs: ids and positions [batch, window] at [start, start + window) of ids/positions
+  [batch, length] (positions None: start..start + window - 1), and the key padding bias [batch, 1, 1, length] (None
+  without a mask)."""
+  length = ids.shape[1]
+  if start is None or not 0 < window <= length:
+    raise ValueError(f"kv_cache needs window_start and a static window in [1, {length}], got {window!r}")
+  if output == "all":
+    raise ValueError("output='all' is not available with kv_cache")
+  if attention_mask is not None and attention_mask.shape != ids.shape:
+    raise ValueError(f"with kv_cache, attention_mask must be a [batch, length] padding mask {ids.shape}, got "
+                     f"{attention_mask.shape}")
+  bias = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
+  cut = lambda t: jax.lax.dynamic_slice_in_dim(t, start, window, axis=1)
+  if positions is None:
+    positions = jnp.broadcast_to(start + jnp.arange(window, dtype=jnp.int32), (ids.shape[0], window))
+  else:
+    positions = cut(positions)
+  return cut(ids), positions, bias
 
 
 def compute_params(params: Any, args: ModelArgs) -> Any:
   """The parameters prepared for inference loops that call the model many times (call it inside the jitted program,
   outside the loop): cast to the compute dtype (`model.dtype`), and with the kernels that the layers multiply together
-  stacked once (`layers.stack_kernels`; the modules and `sampling_text.cached_forward` accept either tree).
+  stacked once (`layers.stack_kernels`; the modules accept either tree, in every mode).
 
   Exact: every use of a parameter casts it to the compute dtype first (matmul operands, RMSNorm scales, the embedding
   rows), so casting once up front gives the same numbers and saves re-reading fp32 master weights at every call.

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmada_jax.diffusion import losses
+from mmada_jax.models import llada
 from mmada_jax.rl import masks as masks_lib
 
 Array = jax.Array
@@ -100,7 +101,7 @@ def logp_of_noisy(params: Any, model, noisy: Array, attn: Array | None, labels: 
   """
   c = labels.shape[-1]
   h = model.apply({"params": params}, noisy, attn, output="hidden")[:, -c:]
-  kernel = params["lm_head"]["kernel"]
+  kernel = llada.head_kernel(params)
   if s.vocab_slice is not None:
     a, b = s.vocab_slice
     kernel, labels = kernel[:, a:b], labels - a
