@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from mmada_jax.bench import cli, common, official, workloads
+from mmada_jax.bench import common, official, workloads
+from mmada_jax.cli import bench as cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = os.path.join(os.path.dirname(HERE), "experiments", "tiny.py")
@@ -65,13 +66,13 @@ def test_generate_variants_and_token_match():
 
 def test_main_prints_json(capsys):
   argv = ["magvit", "--config", TINY, "--repeats", "1", "--warmup", "0", "--json"]
-  assert cli.main_bench(argv) == 0
+  assert cli.main(argv) == 0
   report = json.loads(capsys.readouterr().out)
   assert [c["name"] for c in report["cases"]] == ["encode_b1", "decode_b1"]
 
 
 def test_main_prints_summary(capsys):
-  assert cli.main_bench(["magvit", "--config", TINY, "--repeats", "1", "--warmup", "0"]) == 0
+  assert cli.main(["magvit", "--config", TINY, "--repeats", "1", "--warmup", "0"]) == 0
   out = capsys.readouterr().out
   assert "encode_b1: median" in out and "MFU" in out and "peak RSS" in out
 

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from mmada_jax import config as config_lib
+from mmada_jax.cli import common as cli_common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.py")))
@@ -63,7 +64,7 @@ def test_overrides_are_typed():
 
 
 def test_split_config_args():
-  path, overrides, rest = config_lib.split_config_args(
+  path, overrides, rest = cli_common.split_config_args(
       ["--config", "x.py", "--config.model.num_layers=4", "--config.model.dtype", "bfloat16", "a", "--flag"])
   assert path == "x.py" and overrides == {"model.num_layers": "4", "model.dtype": "bfloat16"}
   assert rest == ["a", "--flag"]

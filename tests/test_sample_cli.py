@@ -156,7 +156,7 @@ def test_stream_text_equals_generate():
   ids, mask = st.left_pad([[1, 2, 3, 4, 5], [6, 7]], pad_id=0)
   settings = st.TextSampling(gen_length=8, block_length=4, steps=4, temperature=1.0, cfg_scale=1.0)
   want = np.asarray(st.generate(model, params, ids, mask, mask_id=mask_id, settings=settings, rng=key)["tokens"])
-  blocks = list(sampler_lib.stream_text(model, params, ids, mask, mask_id=mask_id, settings=settings, rng=key))
+  blocks = list(st.stream_text(model, params, ids, mask, mask_id=mask_id, settings=settings, rng=key))
   assert [b for b, _ in blocks] == [0, 1]
   np.testing.assert_array_equal(blocks[-1][1], want)
   np.testing.assert_array_equal(blocks[0][1][:, :5 + 4], want[:, :5 + 4])
@@ -166,7 +166,7 @@ def test_stream_text_equals_generate():
   first = np.asarray(st.generate(model, params, ids[:1], mask_id=mask_id, settings=greedy)["tokens"])
   stopping = dataclasses.replace(greedy, stop_token=int(first[0, 5 + 4 - 1]))
   want = st.generate(model, params, ids[:1], mask_id=mask_id, settings=stopping)
-  blocks = list(sampler_lib.stream_text(model, params, ids[:1], mask_id=mask_id, settings=stopping))
+  blocks = list(st.stream_text(model, params, ids[:1], mask_id=mask_id, settings=stopping))
   assert int(want["blocks"]) == len(blocks) == 1
   np.testing.assert_array_equal(blocks[-1][1], np.asarray(want["tokens"]))
 

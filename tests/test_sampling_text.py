@@ -2,8 +2,7 @@
 
 A set is `text_generate_<C>*.npz` in the parity directory (MMADA_PARITY_DIR overrides it), run with the weights of
 `backbone_<C>`; its settings are the `<setting>__` key prefixes, their parameters come from the index JSON that names
-the file (`sampling_fixtures.json`), else from the setting name and the array shapes (tests/fixtures/parity/README.md
-§7).
+the file (`sampling_fixtures.json`), else from the setting name and the array shapes (docs/parity.md §7).
 """
 
 import functools
@@ -274,13 +273,13 @@ def test_empty_parity_dir_fails(tmp_path):
 
 def test_bench_command(capsys):
   from mmada_jax import config as config_lib
-  from mmada_jax.diffusion import sample_cli
+  from mmada_jax.cli import sample as sample_cmd
 
   tiny_config = os.path.join(os.path.dirname(HERE), "experiments", "tiny.py")
   args = ["bench", "--config", tiny_config, "--batch", "2", "--prompt_len", "4", "--gen_length", "8", "--block_length",
           "4", "--steps", "4", "--repeats", "1", "--variants", "exact"]
-  assert sample_cli.main_sample(args) == 0
+  assert sample_cmd.main(args) == 0
   out = capsys.readouterr().out
   assert "batch   2" in out and "4 model calls" in out and "tokens/s" in out and "forward passes/s" in out
   with pytest.raises(config_lib.ConfigError, match="unknown variant 'fast'"):
-    sample_cli.main_sample(args[:-1] + ["fast"])
+    sample_cmd.main(args[:-1] + ["fast"])

@@ -38,7 +38,6 @@ from mmada_jax.config.loading import (
   load_config_file,
   load_module,
   parse_override_value,
-  split_config_args,
 )
 from mmada_jax.config.validation import (
   DATA_SOURCE_KINDS,
@@ -53,6 +52,6 @@ __all__ = [
   "ATTENTION_IMPLS", "DTYPES", "MATMUL_PRECISIONS", "REMAT_POLICIES", "ConfigDict", "checkpoint_section",
   "data_section", "get_base_config", "loss_section", "magvit_section", "model_section", "optimizer_section",
   "rl_section", "sampling_section", "sharding_section", "train_section", "vocab_section", "ConfigError",
-  "apply_overrides", "load_config", "load_config_file", "load_module", "parse_override_value", "split_config_args",
+  "apply_overrides", "load_config", "load_config_file", "load_module", "parse_override_value",
   "DATA_SOURCE_KINDS", "RL_CHOICES", "SPECIAL_ID_KEYS", "head_dim", "row_lengths", "validate",
 ]

@@ -76,36 +76,6 @@ def apply_overrides(config: ConfigDict, overrides: dict[str, str]) -> ConfigDict
   return config
 
 
-def split_config_args(argv: list[str]) -> tuple[str | None, dict[str, str], list[str]]:
-  """Separates `--config PATH` / `--config=PATH` and `--config.a.b=V` / `--config.a.b V` from other arguments."""
-  path, overrides, rest = None, {}, []
-  i = 0
-  while i < len(argv):
-    a = argv[i]
-    if a == "--config" or a.startswith("--config="):
-      if a == "--config":
-        if i + 1 >= len(argv):
-          raise ConfigError("--config needs a file path")
-        path, i = argv[i + 1], i + 2
-      else:
-        path, i = a.split("=", 1)[1], i + 1
-      continue
-    if a.startswith("--config."):
-      key = a[len("--config."):]
-      if "=" in key:
-        key, value = key.split("=", 1)
-        i += 1
-      else:
-        if i + 1 >= len(argv):
-          raise ConfigError(f"{a} needs a value")
-        value, i = argv[i + 1], i + 2
-      overrides[key] = value
-      continue
-    rest.append(a)
-    i += 1
-  return path, overrides, rest
-
-
 def load_config(path: str, overrides: dict[str, str] | None = None) -> ConfigDict:
   """Loads an experiment file, applies command-line overrides, validates, and locks the result."""
   config = load_config_file(path)

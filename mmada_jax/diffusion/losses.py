@@ -1,7 +1,7 @@
 """The MMaDA training objective: one forward pass over `[t2i; lm; mmu]` rows, three losses as (numerator, denominator).
 (With `data.lm_seq_len` the lm rows are shorter than L and get a forward pass of their own.)
 
-Losses (specs/mmada-official.md §4.3, tests/fixtures/parity/README.md §6), with CE the natural-log cross-entropy over
+Losses (specs/mmada-official.md §4.3, docs/parity.md §6), with CE the natural-log cross-entropy over
 the full vocabulary, M = (noisy id == [MASK]) & (label != -100), p the row's masking probability and A its answer
 length Σ(1 - prompt_mask):
 

@@ -1,5 +1,5 @@
-"""MaskGIT-style text-to-image sampler of MMaDA (`MMadaModelLM.t2i_generate`, specs/mmada-official.md §5.2, parity
-README §8).
+"""MaskGIT-style text-to-image sampler of MMaDA (`MMadaModelLM.t2i_generate`, specs/mmada-official.md §5.2,
+docs/parity.md §8).
 
 Input: the t2i_gen layout `[iPAD]* <|t2i|> BOS text EOS <|soi|> [MASK] × N <|eoi|>` (`Prompter.t2i_gen`). Each of the
 `timesteps` steps, per row:

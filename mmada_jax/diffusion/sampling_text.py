@@ -1,6 +1,6 @@
 """Semi-autoregressive masked-diffusion text sampler of LLaDA / MMaDA (text answers and image-understanding answers).
 
-Algorithm (specs/mmada-official.md §5.1, parity README §7): the answer region of `gen_length` [MASK]s is appended to
+Algorithm (specs/mmada-official.md §5.1, docs/parity.md §7): the answer region of `gen_length` [MASK]s is appended to
 the prompt and filled block by block (`block_length` positions, left to right). Each block gets `steps_per_block`
 model calls; the number of tokens revealed at each call follows the official `get_num_transfer_tokens` (the block's
 masked count split evenly, the remainder one extra each on the first calls). At each call, per masked position, the
@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -367,6 +367,47 @@ def generate(model: llada.Transformer, params: Any, prompt: Array, prompt_mask: 
       raise ValueError("rng is required when temperature > 0 or remasking='random'")
     rng = jax.random.key(0)
   return _generate(model, params, prompt, prompt_mask, rng, settings=settings, mask_id=int(mask_id))
+
+
+def stream_text(model, params, prompt, prompt_mask=None, *, mask_id: int, settings, rng=None) -> Iterator[tuple]:
+  """`sampling_text.generate` one block at a time: yields (block index, tokens [B, P + G] np.int32) after every block.
+
+  The tokens are those of `generate` with the same arguments: the state (sequence, call counter for the noise keys,
+  early stop) is carried between the per-block programs exactly as the single program carries it.
+  """
+  s = dataclasses.replace(settings, trace=False)
+  prompt = np.asarray(prompt, np.int32)
+  if prompt.ndim != 2:
+    raise ValueError(f"prompt must be [batch, prompt_len], got shape {prompt.shape}")
+  if rng is None:
+    if s.stochastic:
+      raise ValueError("rng is required when temperature > 0 or remasking='random'")
+    rng = jax.random.key(0)
+  batch, prompt_len = prompt.shape
+  x = np.concatenate([prompt, np.full((batch, s.gen_length), mask_id, np.int32)], axis=1)
+  pad = None
+  if prompt_mask is not None:
+    pad = jnp.asarray(np.concatenate([np.asarray(prompt_mask, bool), np.ones((batch, s.gen_length), bool)], axis=1))
+  state = {"x": jnp.asarray(x), "block": jnp.int32(0), "calls": jnp.int32(0)}
+  if s.dual_cache:
+    a = model.args
+    shape = (a.num_layers, batch * (2 if s.cfg_scale > 0 else 1), x.shape[1], a.num_kv_heads, a.head_dim)
+    state["cache"] = (jnp.zeros(shape, a.dtype), jnp.zeros(shape, a.dtype))
+  prompt_index = jnp.asarray(x != mask_id)
+  for b in range(s.num_blocks):
+    tokens = np.asarray(state["x"])
+    if s.stop_token is not None and b > 0 and np.all(tokens[:, prompt_len + b * s.block_length - 1] == s.stop_token):
+      return
+    state = _one_block(model, params, state, prompt_index, pad, rng, settings=s, mask_id=int(mask_id),
+                       prompt_len=prompt_len)
+    yield b, np.asarray(state["x"])
+
+
+@functools.partial(jax.jit, static_argnames=("model", "settings", "mask_id", "prompt_len"))
+def _one_block(model, params, state, prompt_index, pad, key, *, settings, mask_id, prompt_len):
+  # The loop body of `_generate`, one block per call.
+  fwd = _Forward(model, params, settings, mask_id, key, prompt_index=prompt_index, pad=pad)
+  return _block(fwd, state, prompt_len)
 
 
 def left_pad(prompts: list, pad_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,25 +1,10 @@
 """ToyWorld held-out accuracy of a sampler, per task (the library behind `mmada-jax eval` and the periodic
 evaluation of training runs).
 
-Records `start .. start + count - 1` of the ToyWorld `test` split (its own fixed seed: never seen in training):
-  text  the arithmetic word problem. `chat` format (the Mix-CoT training format: CoT instruction in the user turn, the
-        answer `<think>work</think>answer`): correct iff `check_answer` accepts the text after `</think>`;
-        `text_format` is the fraction of answers with a `<think>...</think>` block. `plain` format (pre-training text
-        `There is <caption>. <a> plus <b> is`): correct iff the completion is the number. `auto`: `chat` when the
-        config's lm sources include `toyworld:chat`, else `plain`.
-  mmu   the visual question about the rendered image, encoded by MAGVIT, in the mmu training format (with the CoT
-        instruction when the mmu sources include `toyworld:cot`): `check_answer` on the short answer.
-  t2i   the drawing prompt -> image (t2i sampler, MAGVIT decode) -> `check_draw`, the pixel checker of the prompt
-        (exact scene for "describe" prompts; count, colour and shape for "count" / "reason" prompts).
-Sampler settings: `sampling.text` (text, mmu) and `sampling.image` (t2i) of the config (`--config.sampling.*`).
-Default tasks: text, plus mmu and t2i when an image tokenizer is configured (`--magvit` / `data.image_tokenizer`).
-
-Each task also reports its chance baseline on the same records (`chance_baseline`: the most frequent training answer
-per operation / question kind; for t2i the true image of another test record).
-
-Output: a table on stdout and, next to `--out` (default WORKDIR/eval/toyworld_step<N>.json, or ./toyworld_eval.json),
-the JSON (accuracies, per-kind accuracies, settings, example answers), a markdown table (`.md`) and a PNG grid of the
-first generated images (`_t2i.png`). Existing files are never replaced unless `--overwrite`.
+What each task measures on records `start .. start + count - 1` of the ToyWorld `test` split (its own fixed seed:
+never seen in training), the sampler settings and the chance baselines are described in `mmada_jax/cli/eval.py`
+(`mmada-jax eval --help`); `evaluate` returns the result dict that `write_outputs` stores as JSON, a markdown table
+and a PNG grid.
 """
 
 from __future__ import annotations

@@ -14,11 +14,9 @@ official presets are `inference.presets`.
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mmada_jax.data.tokenizer import shared_tokenizer
@@ -114,7 +112,7 @@ class Sampler:
       out = st.generate(self.model, self.params, ids, mask, mask_id=self.vocab.mask_id, settings=settings, rng=rng)
       return np.asarray(out["tokens"])[:, p:]
     tokens = np.concatenate([ids, np.full((len(ids), settings.gen_length), self.vocab.mask_id, np.int32)], axis=1)
-    for b, tokens in stream_text(self.model, self.params, ids, mask, mask_id=self.vocab.mask_id, settings=settings,
+    for b, tokens in st.stream_text(self.model, self.params, ids, mask, mask_id=self.vocab.mask_id, settings=settings,
                                  rng=rng):
       on_block(b, tokens[:, p:])
     return tokens[:, p:]
@@ -134,44 +132,3 @@ class Sampler:
   def text_prefix_overflow(self, prompt: str) -> int:
     """How many tokens of a t2i prompt do not fit the S text positions of the layout (they are cut)."""
     return max(0, len(self.tokenizer.encode(prompt)) + 3 - (self.prompter.max_text_len + 1))
-
-
-def stream_text(model, params, prompt, prompt_mask=None, *, mask_id: int, settings, rng=None) -> Iterator[tuple]:
-  """`sampling_text.generate` one block at a time: yields (block index, tokens [B, P + G] np.int32) after every block.
-
-  The tokens are those of `generate` with the same arguments: the state (sequence, call counter for the noise keys,
-  early stop) is carried between the per-block programs exactly as the single program carries it.
-  """
-  s = dataclasses.replace(settings, trace=False)
-  prompt = np.asarray(prompt, np.int32)
-  if prompt.ndim != 2:
-    raise ValueError(f"prompt must be [batch, prompt_len], got shape {prompt.shape}")
-  if rng is None:
-    if s.stochastic:
-      raise ValueError("rng is required when temperature > 0 or remasking='random'")
-    rng = jax.random.key(0)
-  batch, prompt_len = prompt.shape
-  x = np.concatenate([prompt, np.full((batch, s.gen_length), mask_id, np.int32)], axis=1)
-  pad = None
-  if prompt_mask is not None:
-    pad = jnp.asarray(np.concatenate([np.asarray(prompt_mask, bool), np.ones((batch, s.gen_length), bool)], axis=1))
-  state = {"x": jnp.asarray(x), "block": jnp.int32(0), "calls": jnp.int32(0)}
-  if s.dual_cache:
-    a = model.args
-    shape = (a.num_layers, batch * (2 if s.cfg_scale > 0 else 1), x.shape[1], a.num_kv_heads, a.head_dim)
-    state["cache"] = (jnp.zeros(shape, a.dtype), jnp.zeros(shape, a.dtype))
-  prompt_index = jnp.asarray(x != mask_id)
-  for b in range(s.num_blocks):
-    tokens = np.asarray(state["x"])
-    if s.stop_token is not None and b > 0 and np.all(tokens[:, prompt_len + b * s.block_length - 1] == s.stop_token):
-      return
-    state = _one_block(model, params, state, prompt_index, pad, rng, settings=s, mask_id=int(mask_id),
-                       prompt_len=prompt_len)
-    yield b, np.asarray(state["x"])
-
-
-@functools.partial(jax.jit, static_argnames=("model", "settings", "mask_id", "prompt_len"))
-def _one_block(model, params, state, prompt_index, pad, key, *, settings, mask_id, prompt_len):
-  # The loop body of `sampling_text._generate`, one block per call (pylint: disable=protected-access).
-  fwd = st._Forward(model, params, settings, mask_id, key, prompt_index=prompt_index, pad=pad)
-  return st._block(fwd, state, prompt_len)

@@ -343,9 +343,9 @@ def argmax_last(x: Array, chunk: int = 128) -> Array:
 
   XLA's CPU backend runs an argmax over a vocabulary-sized axis as a scalar loop; this takes the maximum of every
   `chunk` entries (a vectorised reduction), picks the first chunk holding the overall maximum and runs argmax only
-  inside it. XLA's max reduction need not propagate NaN, so when a
-  row sum is NaN (a NaN entry, or +inf beside -inf) the plain argmax runs instead; so does an axis that `chunk` does
-  not divide. x: floating, [..., n].
+  inside it (timings: docs/performance.md). XLA's max reduction need not propagate NaN, so when a row sum is NaN (a
+  NaN entry, or +inf beside -inf) the plain argmax runs instead; so does an axis that `chunk` does not divide.
+  x: floating, [..., n].
   """
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"argmax_last takes a floating array, got {x.dtype}")
