@@ -27,7 +27,7 @@ from mmada_jax.rl import masks, schedule, step as rl_step
 from mmada_jax.train import flops as flops_lib, optim, step as step_lib
 from mmada_jax.train.state import TrainState
 
-Options = Any  # the options of `mmada-jax bench` (an argparse namespace: workload flags, repeats, warmup, ...)
+Options = Any  # the parsed options of `mmada-jax bench` (workload flags, repeats, warmup, ...)
 
 
 def _backbone(config):
