@@ -48,6 +48,7 @@ SLOW = {
   "test_eval.py::test_eval_all_tasks_writes_json_markdown_and_grid",
   "test_eval.py::test_eval_plain_text_task_only",
   "test_eval.py::test_periodic_sampler_matches_eval_cli_and_writes_files",
+  "test_eval.py::test_showcase_answers_and_frames_drawings_by_verdict",
   "test_faults_checkpoint.py::test_training_resumes_from_the_fallback_and_rewrites_the_bad_step",
   "test_faults_numerics.py::test_loop_counts_skips_logs_spikes_and_stops_after_consecutive_nonfinite",
   "test_faults_numerics.py::test_nonfinite_policy_step_keeps_the_state",

@@ -219,3 +219,28 @@ def test_chance_baselines():
   assert te.chance_baseline(world, "t2i", records, 40)["accuracy"] < 0.1
   row = te.format_table({"tasks": {"text": {"accuracy": 0.5, "count": 40, "by_kind": {}, "chance": text}}})
   assert f"| text | chance: the most frequent training answer per operation | {text['accuracy']:.3f} | 40 |" in row
+
+
+def test_showcase_answers_and_frames_drawings_by_verdict(ckpts):
+  """`eval.showcase` (the end of `mmada-jax demo`): answers and verdicts agree with the ToyWorld checkers, the grid
+  frames each drawing in the colour of its verdict, and the report has a line per answer and drawing."""
+  import numpy as np
+
+  from mmada_jax.data import toyworld_checkers as checkers
+  from mmada_jax.eval import showcase
+  from mmada_jax.inference import sampler as sampler_lib
+
+  config = load_config(**{"data.image_tokenizer": ckpts["magvit"]})
+  sampler = sampler_lib.Sampler.load(config, params=ckpts["params"], need_images=True, log=lambda _: None)
+  shown = showcase.show(sampler, index=1, num_drawings=3)
+  record = tw.ToyWorld.from_config(config).example("test", 1)
+  assert shown.text.question == record["problem"] and shown.mmu.question == record["question"]
+  assert shown.text.correct == checkers.check_answer(shown.text.answer, record["problem_answer"])
+  assert shown.mmu.correct == checkers.check_answer(shown.mmu.answer, record["answer"])
+  assert len(shown.prompts) == len(shown.verdicts) == 3 and shown.grid.dtype == np.uint8
+  assert len(showcase.report(shown)) == 4 + 3
+  images = np.zeros((2, 4, 4, 3), np.uint8)
+  out = showcase.framed(images, [True, False], width=1)
+  assert out.shape == (2, 6, 6, 3)
+  assert tuple(out[0, 0, 0]) == showcase.PASS and tuple(out[1, 5, 5]) == showcase.FAIL
+  assert not out[:, 1:5, 1:5].any()  # the images themselves are inside the frames

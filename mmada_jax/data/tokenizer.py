@@ -3,7 +3,6 @@ trained for the config's vocabulary (about a second of work, deterministic in th
 
 from __future__ import annotations
 
-import functools
 import json
 
 from mmada_jax.data import toyworld
@@ -18,28 +17,14 @@ def make_tokenizer(config) -> text_tokenizer.TextTokenizer:
   return toyworld.toy_tokenizer(v, toyworld.ToyWorld.from_config(config))
 
 
+_SHARED: dict[str, text_tokenizer.TextTokenizer] = {}
+
+
 def shared_tokenizer(config) -> text_tokenizer.TextTokenizer:
   """`make_tokenizer(config)`, made once per process for each tokenizer source (the vocabulary, the tokenizer files
   or the ToyWorld settings and seed that train it): samplers, evaluations and RL runs in one process share it."""
   key = json.dumps({"vocab": config.vocab.to_dict(), "dir": str(config.data.tokenizer_dir),
                     "toyworld": config.data.toyworld.to_dict(), "seed": int(config.seed)}, sort_keys=True, default=str)
-  return _cached(key, _Frozen(config))
-
-
-class _Frozen:
-  """Carries the config into the cache without taking part in its key (the key says everything that matters)."""
-
-  def __init__(self, config):
-    self.config = config
-
-  def __hash__(self) -> int:
-    return 0
-
-  def __eq__(self, other) -> bool:
-    return isinstance(other, _Frozen)
-
-
-@functools.lru_cache(maxsize=16)
-def _cached(key: str, frozen: _Frozen) -> text_tokenizer.TextTokenizer:
-  del key  # the cache key
-  return make_tokenizer(frozen.config)
+  if key not in _SHARED:
+    _SHARED[key] = make_tokenizer(config)
+  return _SHARED[key]

@@ -302,17 +302,15 @@ def _block(fwd: _Forward, state: dict, prompt_len: int) -> dict:
   return dict(state, block=state["block"] + 1)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "settings", "mask_id"))
-def _generate(model: llada.Transformer, params: Any, prompt: Array, prompt_mask: Array | None, key: Array, *,
-              settings: TextSampling, mask_id: int) -> dict:
-  s = settings
-  batch, prompt_len = prompt.shape
+def _initial_state(model: llada.Transformer, prompt: Array, prompt_mask: Array | None, s: TextSampling,
+                   mask_id: int) -> tuple[dict, Array | None]:
+  """The sampler's state before the first block (x [B, P + G]: the prompt, then [MASK]s; counters; the trace and the
+  dual cache when asked for) and the padding mask [B, P + G] (None without `prompt_mask`)."""
+  batch = prompt.shape[0]
   x = jnp.concatenate([prompt.astype(jnp.int32), jnp.full((batch, s.gen_length), mask_id, jnp.int32)], axis=1)
   pad = None
   if prompt_mask is not None:
     pad = jnp.concatenate([prompt_mask.astype(bool), jnp.ones((batch, s.gen_length), bool)], axis=1)
-  params = llada.compute_params(params, model.args)  # bf16 compute: cast the weights once, not at every call
-  fwd = _Forward(model, params, s, mask_id, key, prompt_index=x != mask_id, pad=pad)
   state = {"x": x, "block": jnp.int32(0), "calls": jnp.int32(0)}
   if s.trace:
     state["trace"] = jnp.full((s.max_calls,) + x.shape, mask_id, jnp.int32)
@@ -320,6 +318,17 @@ def _generate(model: llada.Transformer, params: Any, prompt: Array, prompt_mask:
     a = model.args
     shape = (a.num_layers, batch * (2 if s.cfg_scale > 0 else 1), x.shape[1], a.num_kv_heads, a.head_dim)
     state["cache"] = (jnp.zeros(shape, a.dtype), jnp.zeros(shape, a.dtype))
+  return state, pad
+
+
+@functools.partial(jax.jit, static_argnames=("model", "settings", "mask_id"))
+def _generate(model: llada.Transformer, params: Any, prompt: Array, prompt_mask: Array | None, key: Array, *,
+              settings: TextSampling, mask_id: int) -> dict:
+  s = settings
+  prompt_len = prompt.shape[1]
+  state, pad = _initial_state(model, prompt, prompt_mask, s, mask_id)
+  params = llada.compute_params(params, model.args)  # bf16 compute: cast the weights once, not at every call
+  fwd = _Forward(model, params, s, mask_id, key, prompt_index=state["x"] != mask_id, pad=pad)
 
   def cond(st):
     go = st["block"] < s.num_blocks
@@ -383,17 +392,10 @@ def stream_text(model, params, prompt, prompt_mask=None, *, mask_id: int, settin
     if s.stochastic:
       raise ValueError("rng is required when temperature > 0 or remasking='random'")
     rng = jax.random.key(0)
-  batch, prompt_len = prompt.shape
-  x = np.concatenate([prompt, np.full((batch, s.gen_length), mask_id, np.int32)], axis=1)
-  pad = None
-  if prompt_mask is not None:
-    pad = jnp.asarray(np.concatenate([np.asarray(prompt_mask, bool), np.ones((batch, s.gen_length), bool)], axis=1))
-  state = {"x": jnp.asarray(x), "block": jnp.int32(0), "calls": jnp.int32(0)}
-  if s.dual_cache:
-    a = model.args
-    shape = (a.num_layers, batch * (2 if s.cfg_scale > 0 else 1), x.shape[1], a.num_kv_heads, a.head_dim)
-    state["cache"] = (jnp.zeros(shape, a.dtype), jnp.zeros(shape, a.dtype))
-  prompt_index = jnp.asarray(x != mask_id)
+  prompt_len = prompt.shape[1]
+  state, pad = _initial_state(model, jnp.asarray(prompt), None if prompt_mask is None else jnp.asarray(prompt_mask),
+                              s, mask_id)
+  prompt_index = state["x"] != mask_id
   for b in range(s.num_blocks):
     tokens = np.asarray(state["x"])
     if s.stop_token is not None and b > 0 and np.all(tokens[:, prompt_len + b * s.block_length - 1] == s.stop_token):
@@ -406,6 +408,7 @@ def stream_text(model, params, prompt, prompt_mask=None, *, mask_id: int, settin
 @functools.partial(jax.jit, static_argnames=("model", "settings", "mask_id", "prompt_len"))
 def _one_block(model, params, state, prompt_index, pad, key, *, settings, mask_id, prompt_len):
   # The loop body of `_generate`, one block per call.
+  params = llada.compute_params(params, model.args)  # once per block program, as `_generate` does once per call
   fwd = _Forward(model, params, settings, mask_id, key, prompt_index=prompt_index, pad=pad)
   return _block(fwd, state, prompt_len)
 

@@ -53,9 +53,7 @@ def show(sampler: Sampler, *, index: int = 0, num_drawings: int = 8, seed: int =
   key = jax.random.key(seed)
   record = world.example("test", index)
   text_s = presets.text_settings(config)
-  think = te.text_format(config) == "chat"
-  prompt = sampler.chat_prompt(record["problem"], think=True) if think else \
-      [sampler.vocab.bos_id] + sampler.tokenizer.encode(te.plain_prefix(record))
+  prompt, _ = te.text_prompt(sampler, record, te.text_format(config))
   answer = sampler.answer(sampler.generate_text([prompt], te.reasoning_settings(config, text_s), key)[0])
   text = Answer(record["problem"], answer, record["problem_answer"],
                 bool(checkers.check_answer(answer, record["problem_answer"])))

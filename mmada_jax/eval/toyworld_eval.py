@@ -97,14 +97,19 @@ def reasoning_settings(config, text_s):
   return dataclasses.replace(text_s, **{k: int(e[k]) for k in ("gen_length", "block_length", "steps") if int(e[k])})
 
 
+def text_prompt(sampler, record: dict, fmt: str = "chat") -> tuple[list[int], str]:
+  """(prompt ids, the text shown for them) of a record's word problem: the chat format with the CoT instruction, or
+  BOS + the pre-training sentence cut before its result (`plain`)."""
+  if fmt == "chat":
+    return sampler.chat_prompt(record["problem"], think=True), record["problem"]
+  text = plain_prefix(record)
+  return [sampler.vocab.bos_id] + sampler.tokenizer.encode(text), text
+
+
 def eval_text(sampler, records: Sequence[dict], settings, batch_size: int, key, fmt: str = "chat") -> dict:
   """Arithmetic word problems: accuracy (and `format`, the `<think>` rate, in the chat format)."""
-  if fmt == "chat":
-    prompts = [sampler.chat_prompt(r["problem"], think=True) for r in records]
-    shown = [r["problem"] for r in records]
-  else:
-    prompts = [[sampler.vocab.bos_id] + sampler.tokenizer.encode(plain_prefix(r)) for r in records]
-    shown = [plain_prefix(r) for r in records]
+  pairs = [text_prompt(sampler, r, fmt) for r in records]
+  prompts, shown = [p for p, _ in pairs], [t for _, t in pairs]
   answers = _answers(sampler, prompts, settings, batch_size, key)
   refs = [r["problem_answer"] for r in records]
   correct = [checkers.check_answer(a, ref) for a, ref in zip(answers, refs)]
